@@ -230,7 +230,26 @@ public:
     return ratio(*base, *v, columns_[column].direction);
   }
 
+  // True when at least one figure was measured (a --benchmark_filter may skip them all).
+  bool has_data() const {
+    return std::any_of(rows_.begin(), rows_.end(), [](const row& r) {
+      return std::any_of(r.values.begin(), r.values.end(),
+                         [](const std::optional<double>& v) { return v.has_value(); });
+    });
+  }
+
+  // Prints the table; a table without any figure prints only its title. Goals are
+  // recorded in `tally` (as "not measured" when their figure is missing).
   void print(std::ostream& os, goal_tally* tally = nullptr) const {
+    if (!has_data()) {
+      os << '\n' << title_ << "\n  (not run)\n";
+      if (tally) {
+        for (const row& r : rows_) {
+          if (r.g) tally->record(std::nullopt, title_ + " / " + r.label);
+        }
+      }
+      return;
+    }
     std::vector<std::string> header{"peer"};
     for (const column_spec& c : columns_) {
       header.push_back(c.header);

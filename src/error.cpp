@@ -15,6 +15,9 @@ public:
       case errc::timed_out: return "timed out";
       case errc::channel_closed: return "channel closed";
       case errc::loop_gone: return "the event loop stopped before the operation completed";
+      case errc::no_value: return "no value in this context";
+      case errc::no_loop: return "no event loop is known to this thread";
+      case errc::invalid_token: return "invalid context token";
     }
     return "unknown ferry error";
   }

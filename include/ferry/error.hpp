@@ -23,6 +23,9 @@ enum class errc {
   timed_out,         // an optional timeout expired
   channel_closed,    // a channel or iterator was closed
   loop_gone,         // the event loop stopped or was destroyed while a thread waited on it
+  no_value,          // a context_var has no value in this context and no default
+  no_loop,           // sync_await found no loop in this thread's context
+  invalid_token,     // a context_var token reset twice, or in another context
 };
 
 const std::error_category& error_category() noexcept;

@@ -4,3 +4,6 @@
 
 #include <ferry/error.hpp>
 #include <ferry/thread_pool.hpp>
+#include <ferry/context.hpp>
+#include <ferry/co_spawn.hpp>
+#include <ferry/threaded.hpp>

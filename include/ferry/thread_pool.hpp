@@ -111,6 +111,7 @@ enum class when_closed { throw_error, abandon };
 void pool_enqueue(pool_core& core, task&& t, when_closed policy = when_closed::throw_error);
 void pool_enqueue_bulk(pool_core& core, task* first, std::size_t n);
 bool pool_on_worker(const pool_core& core) noexcept;
+struct pool_access;
 void pool_note_failure() noexcept;  // the task running on this worker failed
 }  // namespace detail
 
@@ -260,8 +261,20 @@ public:
   thread_pool_stats stats() const noexcept;
 
 private:
+  friend struct detail::pool_access;
   std::shared_ptr<detail::pool_core> core_;
 };
+
+namespace detail {
+// For ferry's own layers: queue a task whose waiter must hear pool_closed (via its
+// ferry_abandon) instead of an exception at the submission site.
+struct pool_access {
+  template <class F>
+  static void post_abandonable(thread_pool& pool, F&& f) {
+    pool_enqueue(*pool.core_, task(std::forward<F>(f)), when_closed::abandon);
+  }
+};
+}  // namespace detail
 
 namespace detail {
 

@@ -1,0 +1,80 @@
+// ferry/detail/loop_service.hpp — the per-loop state the base layer keeps (DESIGN principle
+// 5: no hidden globals). One Asio service per execution context holds:
+//  * the completion queue threaded results return through,
+//  * the default pool for threaded calls awaited on that loop (rule T2),
+//  * the registry of threads started by threaded_separate (rule T8).
+#pragma once
+
+#include <ferry/detail/completion_queue.hpp>
+#include <ferry/thread_pool.hpp>
+
+#include <asio/execution_context.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <condition_variable>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace ferry {
+
+// A thread started by threaded_separate that is still running.
+struct running_thread {
+  std::string name;
+  std::chrono::nanoseconds running_for{0};
+};
+
+namespace detail {
+
+// Threads started by threaded_separate on behalf of one loop. Shared with the threads
+// themselves, so it outlives the loop if one of them does.
+class separate_thread_registry {
+public:
+  std::uint64_t add(std::string name);
+  void remove(std::uint64_t id) noexcept;
+  // Waits until no thread is running or the timeout expires; returns those still running.
+  std::vector<running_thread> wait_all_for(std::chrono::nanoseconds timeout);
+  std::vector<running_thread> running() const;
+
+private:
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::uint64_t next_id_ = 1;
+  struct entry {
+    std::string name;
+    std::chrono::steady_clock::time_point started;
+  };
+  std::map<std::uint64_t, entry> threads_;
+};
+
+class loop_service : public asio::execution_context::service {
+public:
+  using key_type = loop_service;
+  static inline asio::execution_context::id id;
+
+  explicit loop_service(asio::execution_context& ctx);
+  ~loop_service() override;
+
+  const std::shared_ptr<completion_queue>& completions() const noexcept { return completions_; }
+  const std::shared_ptr<separate_thread_registry>& separate_threads() const noexcept {
+    return threads_;
+  }
+
+  thread_pool& default_pool();
+  void set_default_pool(thread_pool& pool);
+
+private:
+  void shutdown() override;
+
+  std::shared_ptr<completion_queue> completions_;
+  std::shared_ptr<separate_thread_registry> threads_;
+  std::mutex pool_mu_;
+  std::unique_ptr<thread_pool> owned_pool_;
+  thread_pool* pool_ = nullptr;
+};
+
+}  // namespace detail
+}  // namespace ferry

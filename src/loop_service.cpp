@@ -1,0 +1,83 @@
+#include <ferry/detail/loop_service.hpp>
+
+#include <cstdio>
+
+namespace ferry::detail {
+
+std::uint64_t separate_thread_registry::add(std::string name) {
+  std::lock_guard lock(mu_);
+  const std::uint64_t id = next_id_++;
+  threads_.emplace(id, entry{std::move(name), std::chrono::steady_clock::now()});
+  return id;
+}
+
+void separate_thread_registry::remove(std::uint64_t id) noexcept {
+  std::lock_guard lock(mu_);
+  threads_.erase(id);
+  if (threads_.empty()) cv_.notify_all();
+}
+
+std::vector<running_thread> separate_thread_registry::running() const {
+  std::lock_guard lock(mu_);
+  std::vector<running_thread> out;
+  const auto now = std::chrono::steady_clock::now();
+  for (const auto& [id, e] : threads_) out.push_back({e.name, now - e.started});
+  return out;
+}
+
+std::vector<running_thread> separate_thread_registry::wait_all_for(
+    std::chrono::nanoseconds timeout) {
+  {
+    std::unique_lock lock(mu_);
+    if (cv_.wait_for(lock, timeout, [&] { return threads_.empty(); })) return {};
+  }
+  return running();
+}
+
+loop_service::loop_service(asio::execution_context& ctx)
+    : asio::execution_context::service(ctx),
+      completions_(std::make_shared<completion_queue>()),
+      threads_(std::make_shared<separate_thread_registry>()) {}
+
+loop_service::~loop_service() = default;
+
+thread_pool& loop_service::default_pool() {
+  std::lock_guard lock(pool_mu_);
+  if (!pool_) {
+    thread_pool_options o;
+    o.name = "ferry-default";
+    owned_pool_ = std::make_unique<thread_pool>(std::move(o));
+    pool_ = owned_pool_.get();
+  }
+  return *pool_;
+}
+
+void loop_service::set_default_pool(thread_pool& pool) {
+  std::lock_guard lock(pool_mu_);
+  pool_ = &pool;  // a previously owned pool stays alive until shutdown (calls may run on it)
+}
+
+void loop_service::shutdown() {
+  // 1. The default pool this loop owns: queued calls complete with pool_closed, running
+  //    ones finish (join). Their results are pushed while the queue still accepts them.
+  std::unique_ptr<thread_pool> owned;
+  {
+    std::lock_guard lock(pool_mu_);
+    owned = std::move(owned_pool_);
+    pool_ = nullptr;
+  }
+  owned.reset();
+  // 2. Threads started by threaded_separate are waited for, boundedly, then reported.
+  const auto still = threads_->wait_all_for(std::chrono::seconds(10));
+  for (const auto& t : still) {
+    std::fprintf(stderr,
+                 "ferry: threaded_separate thread '%s' still running after its loop was "
+                 "destroyed; left detached\n",
+                 t.name.c_str());
+  }
+  // 3. Results not delivered are discarded while the loop's services still exist (their
+  //    handlers are destroyed, as Asio does with its own pending operations).
+  completions_->close();
+}
+
+}  // namespace ferry::detail
