@@ -12,7 +12,7 @@
 // After the usual Google Benchmark rows it prints one ratio table per scenario, with the
 // goals of DESIGN.md principle 6 beside them (PASS/MISS).
 //
-//   bench_thread_pool            full run (about a minute on 2 cores)
+//   bench_thread_pool            full run (about two minutes on 2 cores)
 //   bench_thread_pool --quick    shortened run for the tour (< 25 s on 2 cores)
 //
 // Any --benchmark_* flag works as usual (e.g. --benchmark_filter=lat/); figures that were
@@ -531,7 +531,16 @@ struct config {
   double idle_sleep_s = 1.0;              // S3
   std::size_t alloc_round = 20000;        // S4 tasks per counted round
   benchmark::IterationCount alloc_rounds = 20;
+  // S1 and S2 are repeated and summarised by their median: on a shared 2-core VM a single
+  // run can land on a noisy second.
+  int repetitions = 3;
 };
+
+// Repetitions for the timing-sensitive scenarios; only the aggregates are displayed and
+// the summary reads the median.
+void repeat(benchmark::internal::Benchmark* b, const config& cfg) {
+  if (cfg.repetitions > 1) b->Repetitions(cfg.repetitions)->DisplayAggregatesOnly(true);
+}
 
 template <class Peer>
 void bm_throughput(benchmark::State& state, std::size_t threads, std::size_t submitters,
@@ -673,21 +682,24 @@ template <class... Peers>
 void register_throughput(const config& cfg, std::size_t submitters, std::size_t threads,
                          peer_list<Peers...>) {
   const std::size_t n = cfg.per_submitter;
-  (benchmark::RegisterBenchmark(
-       throughput_name(submitters, threads, Peers::key).c_str(),
-       [=](benchmark::State& st) { bm_throughput<Peers>(st, threads, submitters, n); })
-       ->UseRealTime()
-       ->Unit(benchmark::kMillisecond),
+  (repeat(benchmark::RegisterBenchmark(
+              throughput_name(submitters, threads, Peers::key).c_str(),
+              [=](benchmark::State& st) { bm_throughput<Peers>(st, threads, submitters, n); })
+              ->UseRealTime()
+              ->Unit(benchmark::kMillisecond),
+          cfg),
    ...);
 }
 
 template <class... Peers>
 void register_latency(const config& cfg, std::size_t k, peer_list<Peers...>) {
   const std::size_t warmup = cfg.latency_warmup;
-  (benchmark::RegisterBenchmark(latency_name(k, Peers::key).c_str(),
-                                [=](benchmark::State& st) { bm_latency<Peers>(st, k, warmup); })
-       ->UseRealTime()
-       ->Unit(benchmark::kMicrosecond),
+  (repeat(benchmark::RegisterBenchmark(
+              latency_name(k, Peers::key).c_str(),
+              [=](benchmark::State& st) { bm_latency<Peers>(st, k, warmup); })
+              ->UseRealTime()
+              ->Unit(benchmark::kMicrosecond),
+          cfg),
    ...);
 }
 
@@ -741,7 +753,9 @@ void print_summary(const ferry_bench::result_store& r, const config& cfg) {
 
   os << "\n==================== summary: ferry::thread_pool against its peers "
         "====================\n";
-  os << "(" << (cfg.quick ? "--quick run: short timings, expect noise" : "full run")
+  os << "(" << (cfg.quick ? "--quick run: short timings, expect noise"
+                          : "full run: S1/S2 figures are medians of " +
+                                std::to_string(cfg.repetitions) + " repetitions")
      << "; 2 workers unless stated; baseline = " << base << ")\n";
 
   // S1
@@ -849,6 +863,7 @@ int main(int argc, char** argv) {
     cfg.idle_sleep_s = 0.3;
     cfg.alloc_round = 10000;
     cfg.alloc_rounds = 5;
+    cfg.repetitions = 1;
   }
   int bench_argc = static_cast<int>(args.size());
   args.push_back(nullptr);

@@ -68,7 +68,7 @@ void loop_service::shutdown() {
   }
   owned.reset();
   // 2. Threads started by threaded_separate are waited for, boundedly, then reported.
-  const auto still = threads_->wait_all_for(std::chrono::seconds(10));
+  const auto still = threads_->wait_all_for(separate_wait_);
   for (const auto& t : still) {
     std::fprintf(stderr,
                  "ferry: threaded_separate thread '%s' still running after its loop was "

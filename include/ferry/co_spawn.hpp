@@ -18,6 +18,7 @@
 
 #include <ferry/context.hpp>
 
+#include <asio/awaitable.hpp>
 #include <asio/co_spawn.hpp>
 #include <asio/execution.hpp>
 #include <asio/execution_context.hpp>
@@ -86,6 +87,13 @@ private:
 };
 
 namespace detail {
+
+template <class T>
+struct awaitable_value;
+template <class T, class E>
+struct awaitable_value<asio::awaitable<T, E>> {
+  using type = T;
+};
 
 template <class Executor>
 auto with_task_context(const Executor& ex) {

@@ -7,3 +7,6 @@
 #include <ferry/context.hpp>
 #include <ferry/co_spawn.hpp>
 #include <ferry/threaded.hpp>
+#include <ferry/sync_wait.hpp>
+#include <ferry/shared_context.hpp>
+#include <ferry/entrypoint.hpp>

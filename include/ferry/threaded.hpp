@@ -301,9 +301,10 @@ private:
   }
 
   loop_ref this_loop() const noexcept {
-    if constexpr (std::is_constructible_v<asio::any_io_executor, const loop_executor&> &&
+    using plain = std::decay_t<decltype(unwrap_context(loop_))>;
+    if constexpr (std::is_constructible_v<asio::any_io_executor, const plain&> &&
                   !delivers_inline_v<loop_executor>) {
-      return make_loop_ref(loop_);
+      return make_loop_ref(unwrap_context(loop_));
     } else {
       return {};
     }

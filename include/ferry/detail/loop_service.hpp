@@ -66,6 +66,12 @@ public:
   thread_pool& default_pool();
   void set_default_pool(thread_pool& pool);
 
+  // How long destroying the loop waits for threaded_separate threads (default 10 s; the
+  // entrypoint, which waits itself within its own bound, sets 0).
+  void set_separate_thread_wait(std::chrono::nanoseconds wait) noexcept {
+    separate_wait_ = wait;
+  }
+
 private:
   void shutdown() override;
 
@@ -73,6 +79,7 @@ private:
   std::shared_ptr<separate_thread_registry> threads_;
   std::mutex pool_mu_;
   std::unique_ptr<thread_pool> owned_pool_;
+  std::chrono::nanoseconds separate_wait_ = std::chrono::seconds(10);
   thread_pool* pool_ = nullptr;
 };
 

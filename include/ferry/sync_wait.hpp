@@ -1,0 +1,221 @@
+// ferry/sync_wait.hpp — a thread calls into the loop and waits (thread → loop, one call).
+//
+//     auto in_thread = ferry::threaded([] {
+//       int n = ferry::sync_await([]() -> asio::awaitable<int> { co_return 7; });
+//       return n * 6;                                    // ran the coroutine on our loop
+//     });
+//     int v = ferry::sync_wait_coroutine(io, fetch, "key");   // from any non-loop thread
+//
+// Rules (spec/core.md S1–S5):
+//  * sync_wait_coroutine(executor_or_context, coro_fn, args...) spawns coro_fn(args...) on
+//    that loop as a ferry task (it sees the calling thread's task-local context) and blocks
+//    the calling thread until it finishes: returns its value or rethrows its exception.
+//  * Called on a thread that is running that loop, it throws ferry::error(would_deadlock) at
+//    once (S2).
+//  * If the loop is destroyed before the coroutine finishes, the waiter gets
+//    ferry::error(loop_gone) at once; if the loop is stopped, within ~10 ms (the waiter
+//    checks io_context::stopped() while it waits). sync_wait_coroutine_for(timeout, ...)
+//    gives up with errc::timed_out and cancels the coroutine (S3).
+//  * sync_await(coro_fn, args...) finds the loop from the calling thread's context: code
+//    running in threaded, threaded_separate or a threaded generator knows the loop it was
+//    called from; elsewhere it throws ferry::error(no_loop) (S4). Nesting works (S5).
+#pragma once
+
+#include <ferry/co_spawn.hpp>
+#include <ferry/detail/current_loop.hpp>
+#include <ferry/error.hpp>
+
+#include <asio/any_io_executor.hpp>
+#include <asio/awaitable.hpp>
+#include <asio/bind_cancellation_slot.hpp>
+#include <asio/cancellation_signal.hpp>
+#include <asio/io_context.hpp>
+#include <asio/post.hpp>
+
+#include <chrono>
+#include <condition_variable>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+namespace ferry {
+namespace detail {
+
+template <class T>
+struct sync_state {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  std::exception_ptr error;
+  std::conditional_t<std::is_void_v<T>, bool, std::optional<T>> value{};
+  asio::cancellation_signal cancel;  // emitted on the loop only
+
+  void finish(std::exception_ptr e) {
+    std::lock_guard lock(mu);
+    if (done) return;
+    error = std::move(e);
+    done = true;
+    cv.notify_all();
+  }
+};
+
+// co_spawn's completion handler. Destroyed without being invoked means the loop died with
+// the coroutine pending: the waiting thread hears loop_gone.
+template <class T>
+class sync_handler {
+public:
+  explicit sync_handler(std::shared_ptr<sync_state<T>> s) noexcept : state_(std::move(s)) {}
+  sync_handler(sync_handler&& o) noexcept : state_(std::move(o.state_)) {}
+  sync_handler& operator=(sync_handler&&) = delete;
+  ~sync_handler() {
+    if (state_) {
+      state_->finish(std::make_exception_ptr(error(
+          errc::loop_gone, "ferry::sync_wait_coroutine: the loop was destroyed first")));
+    }
+  }
+
+  void operator()(std::exception_ptr e) requires std::is_void_v<T> {
+    auto s = std::move(state_);
+    s->finish(std::move(e));
+  }
+
+  template <class V>
+    requires(!std::is_void_v<T>)
+  void operator()(std::exception_ptr e, V&& v) {
+    auto s = std::move(state_);
+    {
+      std::lock_guard lock(s->mu);
+      if (!e) s->value.emplace(std::forward<V>(v));
+    }
+    s->finish(std::move(e));
+  }
+
+private:
+  std::shared_ptr<sync_state<T>> state_;
+};
+
+template <class Executor>
+bool loop_running_here(const Executor& ex) noexcept {
+  if constexpr (requires { ex.get_inner_executor(); }) {
+    return loop_running_here(ex.get_inner_executor());
+  } else if constexpr (requires { ex.running_in_this_thread(); }) {
+    return ex.running_in_this_thread();
+  } else if constexpr (std::is_same_v<Executor, asio::any_io_executor>) {
+    if (auto* io = ex.template target<asio::io_context::executor_type>()) {
+      return io->running_in_this_thread();
+    }
+    return false;
+  } else {
+    return false;
+  }
+}
+
+template <class Executor>
+asio::io_context* io_context_of(const Executor& ex) noexcept {
+  if constexpr (requires { ex.get_inner_executor(); }) {
+    return io_context_of(ex.get_inner_executor());
+  } else if constexpr (std::is_same_v<Executor, asio::io_context::executor_type>) {
+    return &asio::query(ex, asio::execution::context);
+  } else if constexpr (std::is_same_v<Executor, asio::any_io_executor>) {
+    if (auto* io = ex.template target<asio::io_context::executor_type>()) {
+      return &asio::query(*io, asio::execution::context);
+    }
+    return nullptr;
+  } else {
+    return nullptr;
+  }
+}
+
+template <class Executor, class CoroFn, class... Args>
+auto sync_wait_impl(std::optional<std::chrono::nanoseconds> timeout, const Executor& ex,
+                    CoroFn&& fn, Args&&... args) {
+  using awaitable_type = std::invoke_result_t<std::decay_t<CoroFn>&, std::decay_t<Args>...>;
+  using T = typename awaitable_value<awaitable_type>::type;
+  if (loop_running_here(ex)) {
+    throw error(errc::would_deadlock,
+                "ferry::sync_wait_coroutine called on a thread that is running the target "
+                "loop: it would wait for itself");
+  }
+  auto state = std::make_shared<sync_state<T>>();
+  ferry::co_spawn(
+      ex,
+      [f = std::decay_t<CoroFn>(std::forward<CoroFn>(fn)),
+       a = std::make_tuple(std::decay_t<Args>(std::forward<Args>(args))...)]() mutable
+      -> awaitable_type {
+        awaitable_type inner = std::apply(f, std::move(a));
+        co_return co_await std::move(inner);
+      },
+      asio::bind_cancellation_slot(state->cancel.slot(), sync_handler<T>(state)));
+
+  asio::io_context* io = io_context_of(ex);
+  const auto deadline = timeout ? std::optional(std::chrono::steady_clock::now() + *timeout)
+                                : std::nullopt;
+  std::unique_lock lock(state->mu);
+  while (!state->done) {
+    // Wake every 10 ms to notice a stopped loop (io_context has no stop notification).
+    state->cv.wait_for(lock, std::chrono::milliseconds(10));
+    if (state->done) break;
+    if (io && io->stopped()) {
+      throw error(errc::loop_gone, "ferry::sync_wait_coroutine: the loop stopped first");
+    }
+    if (deadline && std::chrono::steady_clock::now() >= *deadline) {
+      lock.unlock();
+      asio::post(ex, [state] { state->cancel.emit(asio::cancellation_type::terminal); });
+      throw error(errc::timed_out, "ferry::sync_wait_coroutine: timed out");
+    }
+  }
+  if (state->error) std::rethrow_exception(state->error);
+  if constexpr (!std::is_void_v<T>) return std::move(*state->value);
+}
+
+template <class E>
+decltype(auto) executor_of(E& e) {
+  if constexpr (requires { e.get_executor(); }) {
+    return e.get_executor();
+  } else {
+    return e;
+  }
+}
+
+}  // namespace detail
+
+// Runs coro_fn(args...) on the loop and waits for it on this (non-loop) thread.
+template <class ExecutorOrContext, class CoroFn, class... Args>
+auto sync_wait_coroutine(ExecutorOrContext&& loop, CoroFn&& coro_fn, Args&&... args) {
+  auto ex = detail::executor_of(loop);
+  return detail::sync_wait_impl(std::nullopt, ex, std::forward<CoroFn>(coro_fn),
+                                std::forward<Args>(args)...);
+}
+
+// The same, giving up after `timeout` with ferry::error(timed_out) (the coroutine is
+// cancelled).
+template <class ExecutorOrContext, class CoroFn, class... Args>
+auto sync_wait_coroutine_for(std::chrono::nanoseconds timeout, ExecutorOrContext&& loop,
+                             CoroFn&& coro_fn, Args&&... args) {
+  auto ex = detail::executor_of(loop);
+  return detail::sync_wait_impl(timeout, ex, std::forward<CoroFn>(coro_fn),
+                                std::forward<Args>(args)...);
+}
+
+// sync_wait_coroutine on the loop that called into this thread (threaded code, a separate
+// thread, a threaded generator).
+template <class CoroFn, class... Args>
+auto sync_await(CoroFn&& coro_fn, Args&&... args) {
+  const detail::loop_ref loop = detail::current_loop();
+  if (!loop) {
+    throw error(errc::no_loop,
+                "ferry::sync_await: this thread was not called from a loop (use it inside "
+                "threaded, threaded_separate or a threaded generator, or call "
+                "sync_wait_coroutine with an executor)");
+  }
+  asio::any_io_executor ex = loop.get();
+  return detail::sync_wait_impl(std::nullopt, ex, std::forward<CoroFn>(coro_fn),
+                                std::forward<Args>(args)...);
+}
+
+}  // namespace ferry
