@@ -42,6 +42,9 @@ loop_service::loop_service(asio::execution_context& ctx)
 loop_service::~loop_service() = default;
 
 thread_pool& loop_service::default_pool() {
+  if (asio::has_service<pool_identity>(context())) {
+    if (thread_pool* self = asio::use_service<pool_identity>(context()).pool) return *self;
+  }
   std::lock_guard lock(pool_mu_);
   if (!pool_) {
     thread_pool_options o;

@@ -674,6 +674,7 @@ thread_pool::thread_pool(thread_pool_options options) {
   }
   core_ = std::make_shared<detail::pool_core>(std::move(options));
   core_->start();
+  asio::make_service<detail::pool_identity>(*this, this);
 }
 
 thread_pool::~thread_pool() {

@@ -266,6 +266,20 @@ private:
 };
 
 namespace detail {
+// Lets higher layers recognise a thread_pool behind a plain execution_context& (a
+// coroutine running on the pool sends its blocking calls to that pool itself).
+class pool_identity : public asio::execution_context::service {
+public:
+  using key_type = pool_identity;
+  static inline asio::execution_context::id id;
+  explicit pool_identity(asio::execution_context& ctx, thread_pool* p = nullptr)
+      : asio::execution_context::service(ctx), pool(p) {}
+  thread_pool* const pool;
+
+private:
+  void shutdown() override {}
+};
+
 // For ferry's own layers: queue a task whose waiter must hear pool_closed (via its
 // ferry_abandon) instead of an exception at the submission site.
 struct pool_access {
