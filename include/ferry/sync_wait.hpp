@@ -106,8 +106,10 @@ bool loop_running_here(const Executor& ex) noexcept {
   } else if constexpr (requires { ex.running_in_this_thread(); }) {
     return ex.running_in_this_thread();
   } else if constexpr (std::is_same_v<Executor, asio::any_io_executor>) {
-    if (auto* io = ex.template target<asio::io_context::executor_type>()) {
-      return io->running_in_this_thread();
+    using io_executor = asio::io_context::executor_type;
+    if (auto* io = ex.template target<io_executor>()) return io->running_in_this_thread();
+    if (auto* ce = ex.template target<context_executor<io_executor>>()) {
+      return ce->get_inner_executor().running_in_this_thread();
     }
     return false;
   } else {
@@ -122,8 +124,12 @@ asio::io_context* io_context_of(const Executor& ex) noexcept {
   } else if constexpr (std::is_same_v<Executor, asio::io_context::executor_type>) {
     return &asio::query(ex, asio::execution::context);
   } else if constexpr (std::is_same_v<Executor, asio::any_io_executor>) {
-    if (auto* io = ex.template target<asio::io_context::executor_type>()) {
+    using io_executor = asio::io_context::executor_type;
+    if (auto* io = ex.template target<io_executor>()) {
       return &asio::query(*io, asio::execution::context);
+    }
+    if (auto* ce = ex.template target<context_executor<io_executor>>()) {
+      return &asio::query(ce->get_inner_executor(), asio::execution::context);
     }
     return nullptr;
   } else {

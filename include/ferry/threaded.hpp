@@ -39,6 +39,7 @@
 //    recycling allocator and is freed on the loop).
 #pragma once
 
+#include <ferry/co_spawn.hpp>
 #include <ferry/context.hpp>
 #include <ferry/detail/completion_queue.hpp>
 #include <ferry/detail/current_loop.hpp>
@@ -53,6 +54,7 @@
 #include <asio/cancellation_type.hpp>
 #include <asio/dispatch.hpp>
 #include <asio/error.hpp>
+#include <asio/io_context.hpp>
 #include <asio/recycling_allocator.hpp>
 #include <asio/system_executor.hpp>
 #include <asio/use_awaitable.hpp>
@@ -117,19 +119,31 @@ const auto& unwrap_context(const Executor& ex) noexcept {
 template <class Executor>
 decltype(auto) loop_context_of(const Executor& ex) {
   using plain = std::decay_t<decltype(unwrap_context(ex))>;
-  if constexpr (asio::can_query<const plain&, asio::execution::context_t>::value &&
-                !std::is_same_v<plain, asio::system_executor>) {
+  using context_ref = asio::execution::context_as_t<asio::execution_context&>;
+  if constexpr (std::is_same_v<plain, asio::system_executor>) {
+    return static_cast<asio::execution_context&>(
+        asio::query(asio::system_executor(), asio::execution::context));
+  } else if constexpr (asio::can_query<const plain&, asio::execution::context_t>::value) {
     return asio::query(unwrap_context(ex), asio::execution::context);
+  } else if constexpr (asio::can_query<const plain&, context_ref>::value) {
+    return asio::query(unwrap_context(ex), context_ref());  // any_io_executor
   } else {
     return static_cast<asio::execution_context&>(
         asio::query(asio::system_executor(), asio::execution::context));
   }
 }
 
+// Handlers whose executor names no loop: a plain callback (system_executor), use_future.
 template <class Executor>
-inline constexpr bool delivers_inline_v = std::is_same_v<
-    std::remove_cvref_t<decltype(loop_context_of(std::declval<const Executor&>()))>,
-    asio::execution_context>;
+inline constexpr bool delivers_inline_v =
+    std::is_same_v<std::decay_t<decltype(unwrap_context(std::declval<const Executor&>()))>,
+                   asio::system_executor> ||
+    !(asio::can_query<const std::decay_t<decltype(unwrap_context(
+                          std::declval<const Executor&>()))>&,
+                      asio::execution::context_t>::value ||
+      asio::can_query<const std::decay_t<decltype(unwrap_context(
+                          std::declval<const Executor&>()))>&,
+                      asio::execution::context_as_t<asio::execution_context&>>::value);
 
 std::exception_ptr make_aborted_error();
 std::exception_ptr make_pool_closed_error();
@@ -323,6 +337,19 @@ private:
     std::shared_ptr<completion_queue> q = queue_;
     auto target = unwrap_context(loop_);
     try {
+      if constexpr (std::is_same_v<decltype(target), asio::any_io_executor>) {
+        // Post the drain straight to the io_context behind the type-erased executor: the
+        // drain's arena allocator survives that path, not the type-erased one.
+        using io_executor = asio::io_context::executor_type;
+        if (const auto* io = target.template target<io_executor>()) {
+          q->push(this, *io);
+          return;
+        }
+        if (const auto* ce = target.template target<context_executor<io_executor>>()) {
+          q->push(this, ce->get_inner_executor());
+          return;
+        }
+      }
       q->push(this, target);
     } catch (...) {
       // Posting the drain failed (out of memory): nothing can be delivered now.
