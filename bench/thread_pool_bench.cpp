@@ -206,13 +206,35 @@ void cpu_relax() noexcept {
 #endif
 }
 
+// The benchmark running now, for the watchdog's message (main thread only).
+std::string g_running = "start-up";
+constexpr std::chrono::seconds round_limit{60};
+
+// A peer that never finishes a round must not hang the tour: say which one and leave.
+[[noreturn]] void give_up(const char* what) {
+  std::fflush(stdout);
+  std::fprintf(stderr, "bench_thread_pool: %s: %s; exiting instead of hanging\n",
+               g_running.c_str(), what);
+  std::_Exit(3);
+}
+
 // How the submitting thread waits for its round, identical for every peer: poll, pause,
 // and yield every 16 polls so that on a 2-core machine the workers get the core back.
+// Every 64Ki polls (a few ms) it checks the watchdog limit.
 template <class Done>
 void spin_until(Done done) {
+  steady::time_point first_check{};
   for (unsigned polls = 1; !done(); ++polls) {
     if (polls % 16 == 0) {
       std::this_thread::yield();
+      if (polls % 65536 == 0) {
+        const auto now = steady::now();
+        if (first_check == steady::time_point{}) {
+          first_check = now;
+        } else if (now - first_check > round_limit) {
+          give_up("a round did not complete within 60 s");
+        }
+      }
     } else {
       cpu_relax();
       cpu_relax();
@@ -519,6 +541,18 @@ private:
 
 // --- the scenarios ----------------------------------------------------------------------
 
+std::string throughput_name(std::size_t submitters, std::size_t threads, std::string_view key) {
+  return "tp/sub" + std::to_string(submitters) + "/w" + std::to_string(threads) + "/" +
+         std::string(key);
+}
+std::string latency_name(std::size_t k, std::string_view key) {
+  return "lat/k" + std::to_string(k) + "/" + std::string(key);
+}
+std::string idle_name(std::string_view key) { return "idle/" + std::string(key); }
+std::string alloc_name(std::string_view size, std::string_view key) {
+  return "alloc/" + std::string(size) + "/" + std::string(key);
+}
+
 constexpr std::size_t latency_workers = 2;
 constexpr std::size_t idle_workers = 2;
 constexpr std::size_t alloc_workers = 2;
@@ -545,6 +579,7 @@ void repeat(benchmark::internal::Benchmark* b, const config& cfg) {
 template <class Peer>
 void bm_throughput(benchmark::State& state, std::size_t threads, std::size_t submitters,
                    std::size_t per_submitter) {
+  g_running = throughput_name(submitters, threads, Peer::key);
   shared_counter counter;
   const count_task body(&counter.value);
   Peer peer(threads, submitters);
@@ -576,6 +611,7 @@ double percentile(const std::vector<std::int64_t>& sorted, double p) {
 
 template <class Peer>
 void bm_latency(benchmark::State& state, std::size_t k, std::size_t warmup) {
+  g_running = latency_name(k, Peer::key);
   struct alignas(64) countdown {
     std::atomic<std::int64_t> left{0};
   } cd;
@@ -607,6 +643,7 @@ void bm_latency(benchmark::State& state, std::size_t k, std::size_t warmup) {
 
 template <class Peer>
 void bm_idle_cpu(benchmark::State& state, std::size_t burst, double sleep_s) {
+  g_running = idle_name(Peer::key);
   shared_counter counter;
   const count_task body(&counter.value);
   Peer peer(idle_workers, 1);
@@ -626,6 +663,8 @@ void bm_idle_cpu(benchmark::State& state, std::size_t burst, double sleep_s) {
 
 template <class Peer, class Body>
 void bm_allocations(benchmark::State& state, std::size_t n) {
+  g_running = alloc_name(sizeof(Body) > ferry::detail::task::inline_size ? "big" : "small",
+                         Peer::key);
   shared_counter counter;
   const Body body(&counter.value);
   Peer peer(alloc_workers, 1);
@@ -661,18 +700,6 @@ void bm_allocations(benchmark::State& state, std::size_t n) {
 }
 
 // --- names and registration -----------------------------------------------------------------
-
-std::string throughput_name(std::size_t submitters, std::size_t threads, std::string_view key) {
-  return "tp/sub" + std::to_string(submitters) + "/w" + std::to_string(threads) + "/" +
-         std::string(key);
-}
-std::string latency_name(std::size_t k, std::string_view key) {
-  return "lat/k" + std::to_string(k) + "/" + std::string(key);
-}
-std::string idle_name(std::string_view key) { return "idle/" + std::string(key); }
-std::string alloc_name(std::string_view size, std::string_view key) {
-  return "alloc/" + std::string(size) + "/" + std::string(key);
-}
 
 constexpr std::size_t s1_submitters[] = {1, 2};
 constexpr std::size_t s1_workers[] = {1, 2};
@@ -840,6 +867,33 @@ void print_summary(const ferry_bench::result_store& r, const config& cfg) {
   }
 }
 
+// Joins oneTBB's worker threads. tbb::finalize has been seen to wait forever (yielding in
+// a loop while its workers sleep) when the process is confined to a single CPU
+// (taskset -c 0); bounded here so the program always ends.
+bool finalize_tbb(tbb::task_scheduler_handle& handle) {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  std::thread watchdog([&] {
+    std::unique_lock lock(mu);
+    if (!cv.wait_for(lock, std::chrono::seconds(10), [&] { return done; })) {
+      std::fflush(stdout);
+      std::fprintf(stderr,
+                   "warning: tbb::finalize did not join oneTBB's workers within 10 s; "
+                   "exiting without it\n");
+      std::_Exit(0);
+    }
+  });
+  const bool ok = tbb::finalize(handle, std::nothrow);
+  {
+    std::lock_guard lock(mu);
+    done = true;
+  }
+  cv.notify_one();
+  watchdog.join();
+  return ok;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -879,7 +933,8 @@ int main(int argc, char** argv) {
   }
   benchmark::Shutdown();
 
-  if (!tbb::finalize(tbb_handle, std::nothrow)) {
+  g_running = "exit";
+  if (!finalize_tbb(tbb_handle)) {
     std::cerr << "warning: oneTBB worker threads could not be joined at exit\n";
   }
   return 0;

@@ -4,6 +4,7 @@
 
 #include <csignal>
 #include <cstdio>
+#include <thread>
 
 namespace ferry {
 
@@ -113,13 +114,7 @@ void entrypoint::shutdown() noexcept {
     const join_result joined = pool_->join_for(remaining());
     io_->poll();
     auto& loop = asio::use_service<detail::loop_service>(*io_);
-    if (!joined.joined) {
-      report_.busy_workers = joined.still_busy;
-      // Waiting longer would break the bound: the pool's threads are left to finish on
-      // their own (the pool object is intentionally never destroyed, so nothing they touch
-      // is freed under them). Their results find the loop's queue closed and are dropped.
-      (void)pool_.release();
-    }
+    if (!joined.joined) report_.busy_workers = joined.still_busy;
 
     // 3. threaded_separate threads.
     report_.separate_threads = loop.separate_threads()->wait_all_for(remaining());
@@ -131,6 +126,7 @@ void entrypoint::shutdown() noexcept {
     io_->poll();
 
     // 5. The loop.
+    signals_.reset();  // an I/O object of the loop: goes before it
     io_->stop();
     if (!report_.clean()) {
       std::fprintf(stderr, "ferry::entrypoint: shutdown timed out after %lld ms:",
@@ -149,6 +145,18 @@ void entrypoint::shutdown() noexcept {
                      static_cast<long long>(t.running_for.count() / 1000000));
       }
       std::fprintf(stderr, " left detached\n");
+      // Waiting longer would break the bound. A detached reaper takes over what the stuck
+      // work still touches: it joins the pool, waits for the separate threads, and only
+      // then destroys the loop, so late completions are discarded by a live loop instead
+      // of touching a dead one.
+      std::thread([pool = std::move(pool_), io = std::move(io_), tasks = std::move(tasks_),
+                   threads = loop.separate_threads()]() mutable {
+        pool.reset();
+        threads->wait_all_for(std::chrono::hours(24 * 365));
+        io.reset();
+        tasks.clear();
+      }).detach();
+      return;
     }
     io_.reset();
   } catch (const std::exception& e) {

@@ -18,6 +18,7 @@
 #include <future>
 #include <tuple>
 #include <functional>
+#include <latch>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -332,12 +333,14 @@ FERRY_TEST_CASE(t8_threaded_separate_runs_each_call_on_a_named_thread_of_its_own
       [&] { return std::make_tuple(thread_name(), std::this_thread::get_id(), def.running_in_this_thread()); },
       "sep-worker");
   auto unnamed = ferry::threaded_separate([] { return thread_name(); });
+  std::latch both{2};
+  auto meet = ferry::threaded_separate([&] { both.arrive_and_wait(); }, "meet");
   run_on(io, [&]() -> asio::awaitable<void> {
     auto [name1, id1, on_pool1] = co_await named();
-    auto [name2, id2, on_pool2] = co_await named();
     BOOST_TEST(name1 == "sep-worker");
     BOOST_TEST(!on_pool1);
-    BOOST_TEST((id1 != id2));  // a new thread per call
+    BOOST_TEST((id1 != std::this_thread::get_id()));
+    co_await (meet() && meet());  // both calls are inside the latch at once: two threads
     const std::string site = co_await unnamed();
     BOOST_TEST(site.find("threaded_test") == 0u);  // named after the call site
   });

@@ -28,6 +28,7 @@
 
 #include <memory>
 #include <type_traits>
+#include <typeinfo>
 #include <utility>
 
 namespace ferry {
@@ -87,6 +88,14 @@ private:
 };
 
 namespace detail {
+
+// The executor of type T inside an any_io_executor, or null. (Asio 1.22's
+// any_executor::target<T>() does not check the type; this does.)
+template <class T, class AnyExecutor>
+const T* target_of(const AnyExecutor& ex) noexcept {
+  if (!ex || ex.target_type() != typeid(T)) return nullptr;
+  return ex.template target<T>();
+}
 
 template <class T>
 struct awaitable_value;

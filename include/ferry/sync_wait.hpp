@@ -107,8 +107,8 @@ bool loop_running_here(const Executor& ex) noexcept {
     return ex.running_in_this_thread();
   } else if constexpr (std::is_same_v<Executor, asio::any_io_executor>) {
     using io_executor = asio::io_context::executor_type;
-    if (auto* io = ex.template target<io_executor>()) return io->running_in_this_thread();
-    if (auto* ce = ex.template target<context_executor<io_executor>>()) {
+    if (auto* io = target_of<io_executor>(ex)) return io->running_in_this_thread();
+    if (auto* ce = target_of<context_executor<io_executor>>(ex)) {
       return ce->get_inner_executor().running_in_this_thread();
     }
     return false;
@@ -125,10 +125,10 @@ asio::io_context* io_context_of(const Executor& ex) noexcept {
     return &asio::query(ex, asio::execution::context);
   } else if constexpr (std::is_same_v<Executor, asio::any_io_executor>) {
     using io_executor = asio::io_context::executor_type;
-    if (auto* io = ex.template target<io_executor>()) {
+    if (auto* io = target_of<io_executor>(ex)) {
       return &asio::query(*io, asio::execution::context);
     }
-    if (auto* ce = ex.template target<context_executor<io_executor>>()) {
+    if (auto* ce = target_of<context_executor<io_executor>>(ex)) {
       return &asio::query(ce->get_inner_executor(), asio::execution::context);
     }
     return nullptr;

@@ -341,11 +341,11 @@ private:
         // Post the drain straight to the io_context behind the type-erased executor: the
         // drain's arena allocator survives that path, not the type-erased one.
         using io_executor = asio::io_context::executor_type;
-        if (const auto* io = target.template target<io_executor>()) {
+        if (const auto* io = target_of<io_executor>(target)) {
           q->push(this, *io);
           return;
         }
-        if (const auto* ce = target.template target<context_executor<io_executor>>()) {
+        if (const auto* ce = target_of<context_executor<io_executor>>(target)) {
           q->push(this, ce->get_inner_executor());
           return;
         }
