@@ -245,7 +245,8 @@ void spin_until(Done done) {
 std::int64_t process_cpu_ns() noexcept {
   timespec ts{};
   clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-  return static_cast<std::int64_t>(ts.tv_sec) * 1'000'000'000 + static_cast<std::int64_t>(ts.tv_nsec);
+  return static_cast<std::int64_t>(ts.tv_sec) * 1'000'000'000 +
+         static_cast<std::int64_t>(ts.tv_nsec);
 }
 
 struct alignas(64) shared_counter {
@@ -473,8 +474,8 @@ struct peer_list {};
 using throughput_peers = peer_list<ferry_post_peer, ferry_asio_post_peer, ferry_post_n_peer,
                                    asio_pool_peer, tbb_arena_peer, tbb_task_group_peer,
                                    mutex_pool_peer>;
-using core_peers =
-    peer_list<ferry_post_peer, asio_pool_peer, tbb_arena_peer, tbb_task_group_peer, mutex_pool_peer>;
+using core_peers = peer_list<ferry_post_peer, asio_pool_peer, tbb_arena_peer,
+                             tbb_task_group_peer, mutex_pool_peer>;
 
 struct peer_info {
   std::string key;

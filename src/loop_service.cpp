@@ -61,6 +61,10 @@ void loop_service::set_default_pool(thread_pool& pool) {
 }
 
 void loop_service::shutdown() {
+  {
+    std::lock_guard lock(liveness_->mu);
+    liveness_->gone = true;
+  }
   // 1. The default pool this loop owns: queued calls complete with pool_closed, running
   //    ones finish (join). Their results are pushed while the queue still accepts them.
   std::unique_ptr<thread_pool> owned;

@@ -84,20 +84,24 @@ FERRY_TEST_CASE(e2_sigint_cancels_main) {
 }
 
 FERRY_TEST_CASE(e3_shutdown_with_a_call_still_running_finishes_within_its_bound) {
-  gate entered, release;
+  // Shared, not on the stack: the stuck call outlives the entrypoint by design.
+  auto entered = std::make_shared<gate>();
+  auto release = std::make_shared<gate>();
+  auto finished = std::make_shared<gate>();
   const auto start = std::chrono::steady_clock::now();
   {
     ferry::entrypoint_options o = quiet(1);
     o.shutdown_timeout = 200ms;
     ferry::entrypoint ep{o};
-    auto stuck = ferry::threaded([&] {
-      entered.open();
-      release.wait();
+    auto stuck = ferry::threaded([entered, release, finished] {
+      entered->open();
+      release->wait();
+      finished->open();
     });
     ep.run([&]() -> asio::awaitable<void> {
       // Left running when main returns (bound to the loop, so it runs on ep.pool()).
       stuck.async_call(asio::bind_executor(ep.context(), [](std::exception_ptr) {}));
-      entered.wait();  // it is running, not merely queued
+      entered->wait();  // it is running, not merely queued
       co_return;
     });
     BOOST_TEST(!ep.report().clean());
@@ -106,7 +110,8 @@ FERRY_TEST_CASE(e3_shutdown_with_a_call_still_running_finishes_within_its_bound)
   }
   const auto took = std::chrono::steady_clock::now() - start;
   BOOST_TEST((took < 2s));
-  release.open();  // the detached worker finishes on its own
+  release->open();  // the detached worker finishes on its own
+  BOOST_TEST(finished->wait_for(30s));
 }
 
 FERRY_TEST_CASE(e3_queued_calls_complete_with_pool_closed_and_the_shared_context_is_cleared) {

@@ -107,15 +107,24 @@ FERRY_TEST_CASE(s3_a_loop_that_stops_releases_the_waiting_thread_with_an_error) 
 
 FERRY_TEST_CASE(s3_a_loop_destroyed_first_releases_the_waiting_thread) {
   auto io = std::make_unique<asio::io_context>();
+  asio::io_context::executor_type ex = io->get_executor();
+  gate started;
   std::atomic<bool> released{false};
-  std::thread waiter([&] {
+  std::thread waiter([&released, &started, ex] {
     try {
-      ferry::sync_wait_coroutine(*io, add_later, 1, 2);  // the loop never runs
+      ferry::sync_wait_coroutine(ex, [&started]() -> asio::awaitable<void> {
+        started.open();
+        asio::steady_timer t(co_await asio::this_coro::executor, 1h);
+        co_await t.async_wait(asio::use_awaitable);
+      });
     } catch (const ferry::error& e) {
       released = has_code(e, ferry::errc::loop_gone);
     }
   });
-  std::this_thread::sleep_for(20ms);
+  std::thread loop([&] { io->run(); });
+  started.wait();  // the coroutine is suspended on its timer
+  io->stop();
+  loop.join();
   io.reset();  // destroys the pending coroutine and its completion handler
   waiter.join();
   BOOST_TEST(released.load());

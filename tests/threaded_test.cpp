@@ -79,9 +79,8 @@ FERRY_TEST_CASE(t1_sync_call_runs_inline_and_async_call_takes_any_token) {
   auto fut = on_caller.async_call(asio::use_future);
   BOOST_TEST(!fut.get());  // ran on the pool
   std::promise<int> p;
-  f.async_call(41, [&](std::exception_ptr e, int v) {
-    BOOST_TEST(!e);
-    p.set_value(v);
+  f.async_call(41, [&](std::exception_ptr e, int v) {  // runs on the worker: no BOOST_TEST here
+    p.set_value(e ? -1 : v);
   });
   BOOST_TEST(p.get_future().get() == 42);
 }

@@ -23,6 +23,7 @@
 
 #include <ferry/co_spawn.hpp>
 #include <ferry/detail/current_loop.hpp>
+#include <ferry/detail/loop_service.hpp>
 #include <ferry/error.hpp>
 
 #include <asio/any_io_executor.hpp>
@@ -55,22 +56,34 @@ struct sync_state {
   std::conditional_t<std::is_void_v<T>, bool, std::optional<T>> value{};
   asio::cancellation_signal cancel;  // emitted on the loop only
 
+  bool ready = false;  // the result is in, the waiter not yet woken
+  std::exception_ptr pending_error;
+
   void finish(std::exception_ptr e) {
     std::lock_guard lock(mu);
     if (done) return;
-    error = std::move(e);
+    error = ready ? std::move(pending_error) : std::move(e);
     done = true;
     cv.notify_all();
   }
+
+  void finish_ready() { finish(nullptr); }
 };
 
 // co_spawn's completion handler. Destroyed without being invoked means the loop died with
 // the coroutine pending: the waiting thread hears loop_gone.
-template <class T>
+//
+// The waiter is woken by a second, posted handler rather than from inside this one: by
+// then co_spawn has dropped its own copies of an exception, so the waiting thread holds the
+// last reference to it. (Exception reference counts live in uninstrumented libstdc++; a
+// last release on the loop thread after the waiter read the exception is safe but looks
+// like a race to ThreadSanitizer.)
+template <class T, class Executor>
 class sync_handler {
 public:
-  explicit sync_handler(std::shared_ptr<sync_state<T>> s) noexcept : state_(std::move(s)) {}
-  sync_handler(sync_handler&& o) noexcept : state_(std::move(o.state_)) {}
+  sync_handler(std::shared_ptr<sync_state<T>> s, Executor ex) noexcept
+      : state_(std::move(s)), ex_(std::move(ex)) {}
+  sync_handler(sync_handler&& o) noexcept : state_(std::move(o.state_)), ex_(o.ex_) {}
   sync_handler& operator=(sync_handler&&) = delete;
   ~sync_handler() {
     if (state_) {
@@ -79,24 +92,31 @@ public:
     }
   }
 
-  void operator()(std::exception_ptr e) requires std::is_void_v<T> {
-    auto s = std::move(state_);
-    s->finish(std::move(e));
-  }
+  void operator()(std::exception_ptr e) requires std::is_void_v<T> { complete(std::move(e)); }
 
   template <class V>
     requires(!std::is_void_v<T>)
   void operator()(std::exception_ptr e, V&& v) {
-    auto s = std::move(state_);
-    {
-      std::lock_guard lock(s->mu);
-      if (!e) s->value.emplace(std::forward<V>(v));
+    if (!e) {
+      std::lock_guard lock(state_->mu);
+      state_->value.emplace(std::forward<V>(v));
     }
-    s->finish(std::move(e));
+    complete(std::move(e));
   }
 
 private:
+  void complete(std::exception_ptr e) {
+    auto s = std::move(state_);
+    {
+      std::lock_guard lock(s->mu);
+      s->pending_error = std::move(e);
+      s->ready = true;
+    }
+    asio::post(ex_, [s] { s->finish_ready(); });
+  }
+
   std::shared_ptr<sync_state<T>> state_;
+  Executor ex_;
 };
 
 template <class Executor>
@@ -156,26 +176,40 @@ auto sync_wait_impl(std::optional<std::chrono::nanoseconds> timeout, const Execu
         awaitable_type inner = std::apply(f, std::move(a));
         co_return co_await std::move(inner);
       },
-      asio::bind_cancellation_slot(state->cancel.slot(), sync_handler<T>(state)));
+      asio::bind_cancellation_slot(state->cancel.slot(), sync_handler<T, Executor>(state, ex)));
 
   asio::io_context* io = io_context_of(ex);
-  const auto deadline = timeout ? std::optional(std::chrono::steady_clock::now() + *timeout)
-                                : std::nullopt;
+  std::shared_ptr<loop_liveness> live;
+  if (io) live = asio::use_service<loop_service>(*io).liveness();
+  const auto deadline = timeout ? std::chrono::steady_clock::now() + *timeout
+                                : std::chrono::steady_clock::time_point::max();
   std::unique_lock lock(state->mu);
   while (!state->done) {
     // Wake every 10 ms to notice a stopped loop (io_context has no stop notification).
     state->cv.wait_for(lock, std::chrono::milliseconds(10));
     if (state->done) break;
-    if (io && io->stopped()) {
-      throw error(errc::loop_gone, "ferry::sync_wait_coroutine: the loop stopped first");
+    if (io) {
+      std::lock_guard live_lock(live->mu);  // the loop cannot be destroyed meanwhile
+      if (live->gone || io->stopped()) {
+        if (state->ready) {  // the result is in; its posted wake-up will never run
+          state->error = std::move(state->pending_error);
+          break;
+        }
+        throw error(errc::loop_gone, "ferry::sync_wait_coroutine: the loop stopped first");
+      }
     }
-    if (deadline && std::chrono::steady_clock::now() >= *deadline) {
+    if (std::chrono::steady_clock::now() >= deadline) {
       lock.unlock();
       asio::post(ex, [state] { state->cancel.emit(asio::cancellation_type::terminal); });
       throw error(errc::timed_out, "ferry::sync_wait_coroutine: timed out");
     }
   }
-  if (state->error) std::rethrow_exception(state->error);
+  // Take the exception out of the shared state: once it is rethrown here, no other thread
+  // must hold a reference to it (the loop may drop the state at any time).
+  if (state->error) {
+    std::exception_ptr e = std::move(state->error);
+    std::rethrow_exception(std::move(e));
+  }
   if constexpr (!std::is_void_v<T>) return std::move(*state->value);
 }
 

@@ -50,6 +50,14 @@ private:
   std::map<std::uint64_t, entry> threads_;
 };
 
+// Tells threads that watch a loop from outside whether it is still there. Set, under the
+// mutex, while the loop is being destroyed (before its scheduler goes), so a watcher that
+// holds the mutex may safely ask the loop whether it stopped.
+struct loop_liveness {
+  std::mutex mu;
+  bool gone = false;
+};
+
 class loop_service : public asio::execution_context::service {
 public:
   using key_type = loop_service;
@@ -62,6 +70,7 @@ public:
   const std::shared_ptr<separate_thread_registry>& separate_threads() const noexcept {
     return threads_;
   }
+  const std::shared_ptr<loop_liveness>& liveness() const noexcept { return liveness_; }
 
   thread_pool& default_pool();
   void set_default_pool(thread_pool& pool);
@@ -77,6 +86,7 @@ private:
 
   std::shared_ptr<completion_queue> completions_;
   std::shared_ptr<separate_thread_registry> threads_;
+  std::shared_ptr<loop_liveness> liveness_ = std::make_shared<loop_liveness>();
   std::mutex pool_mu_;
   std::unique_ptr<thread_pool> owned_pool_;
   std::chrono::nanoseconds separate_wait_ = std::chrono::seconds(10);
