@@ -2,6 +2,12 @@
 // light and the queue's configuration cannot diverge between translation units.
 #include <ferry/thread_pool.hpp>
 
+// g++ 12 at -O2/-O3 reports a false -Wstringop-overflow inside moodycamel's enqueue_bulk once
+// it is inlined into this file's functions; the warning is not about ferry's code.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wstringop-overflow"
+#endif
 #include <concurrentqueue.h>
 
 #include <algorithm>
@@ -178,7 +184,8 @@ public:
         workers_(std::make_unique<worker[]>(options_.threads)),
         spin_ticks_(to_ticks(options_.spin)),
         give_back_ticks_(to_ticks(give_back_after)),
-        spin_cap_(std::max<std::size_t>(1, options_.threads / 2)),
+        spin_cap_(options_.max_spinning == 0 ? options_.threads
+                                             : std::min(options_.max_spinning, options_.threads)),
         start_ticks_(ticks()),
         start_time_(steady::now()) {
     idle_.reserve(size_);
@@ -433,7 +440,7 @@ private:
       if (const std::size_t k = pop(w, buf, limit)) return k;
       if (stop_flag_.load(std::memory_order_relaxed)) return 0;
       if (ticks() >= deadline) return 0;
-      if (iteration % 32 == 0) {
+      if (iteration % 8 == 0) {
         // On an oversubscribed machine the submitter may share our core: let it run.
         std::this_thread::yield();
       } else {
@@ -727,3 +734,7 @@ bool thread_pool::wait_idle_for(std::chrono::nanoseconds timeout) {
 thread_pool_stats thread_pool::stats() const noexcept { return core_->stats(); }
 
 }  // namespace ferry
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

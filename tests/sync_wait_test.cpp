@@ -121,10 +121,12 @@ FERRY_TEST_CASE(s3_a_loop_destroyed_first_releases_the_waiting_thread) {
       released = has_code(e, ferry::errc::loop_gone);
     }
   });
+  auto work = asio::make_work_guard(*io);  // run() must not return before the spawn
   std::thread loop([&] { io->run(); });
   started.wait();  // the coroutine is suspended on its timer
   io->stop();
   loop.join();
+  work.reset();
   io.reset();  // destroys the pending coroutine and its completion handler
   waiter.join();
   BOOST_TEST(released.load());

@@ -27,8 +27,9 @@
 //  * wait_idle() blocks until as many tasks have finished (run or abandoned) as had been
 //    submitted when it was called; called from one of the pool's own workers it throws
 //    errc::would_deadlock instead of hanging.
-//  * Idle workers spin for `spin` (default 50 µs, below the ~45 µs+ it costs to wake a
-//    parked thread on a VM) and then park; a parked pool uses no CPU. A submission wakes a
+//  * Idle workers spin for `spin` (default 50 µs, about what it costs to wake a parked
+//    thread on a VM; at most `max_spinning` at once) and then park; a parked pool uses no
+//    CPU. A submission wakes a
 //    parked worker only when no worker is spinning, and a spinner that finds work wakes one
 //    more parked worker so bursts spread over the pool.
 //  * Callables up to detail::task::inline_size (56) bytes, alignment <= 8 and nothrow-movable
@@ -68,6 +69,9 @@ struct thread_pool_options {
   std::size_t threads = default_thread_count();
   // How long an idle worker spins looking for work before it parks. Zero parks at once.
   std::chrono::nanoseconds spin = std::chrono::microseconds(50);
+  // At most this many idle workers spin at once (0: all of them). Fewer spinners burn less
+  // CPU after a burst; more keep fan-out latency low (no wake-up per task of a burst).
+  std::size_t max_spinning = 0;
   // Worker threads are named "<name>:<index>" (truncated to the OS limit).
   std::string name = "ferry";
   // Receives exceptions thrown by fire-and-forget tasks (asio::post, execute, post_bulk),

@@ -11,6 +11,9 @@
 // "pool closed" rather than silence).
 #pragma once
 
+#include <asio/detail/bind_handler.hpp>
+#include <asio/detail/work_dispatcher.hpp>
+
 #include <cstddef>
 #include <cstring>
 #include <new>
@@ -24,6 +27,18 @@ concept abandonable = requires(F& f) {
   { f.ferry_abandon() } noexcept;
 };
 
+// Whether moving F cannot throw. Asio's handler wrappers (binder0, work_dispatcher) do not
+// declare their moves noexcept, though they only move what they wrap; without this
+// every asio::post to a pool would fall back to the heap.
+template <class F>
+struct nothrow_relocatable : std::is_nothrow_move_constructible<F> {};
+template <class H>
+struct nothrow_relocatable<asio::detail::binder0<H>> : nothrow_relocatable<H> {};
+template <class H, class E>
+struct nothrow_relocatable<asio::detail::work_dispatcher<H, E>>
+    : std::bool_constant<nothrow_relocatable<H>::value &&
+                         std::is_nothrow_move_constructible_v<E>> {};
+
 class task {
 public:
   static constexpr std::size_t inline_size = 56;
@@ -32,7 +47,7 @@ public:
   template <class F>
   static constexpr bool stored_inline =
       sizeof(F) <= inline_size && alignof(F) <= inline_align &&
-      std::is_nothrow_move_constructible_v<F>;
+      nothrow_relocatable<F>::value;
 
   task() noexcept = default;
 
