@@ -78,10 +78,12 @@ public:
   entrypoint(const entrypoint&) = delete;
   entrypoint& operator=(const entrypoint&) = delete;
 
-  asio::io_context& context() noexcept { return *io_; }
-  asio::io_context::executor_type get_executor() noexcept { return io_->get_executor(); }
-  thread_pool& pool() noexcept { return *pool_; }
-  ferry::shared_context& shared() noexcept { return shared_context::of(*io_); }
+  // The loop and the pool exist until run() returns (run() shuts them down; an entrypoint
+  // runs one main). Afterwards these throw ferry::error(loop_gone).
+  asio::io_context& context() { return *live().io_; }
+  asio::io_context::executor_type get_executor() { return live().io_->get_executor(); }
+  thread_pool& pool() { return *live().pool_; }
+  ferry::shared_context& shared() { return shared_context::of(*live().io_); }
   const entrypoint_options& options() const noexcept { return options_; }
 
   // Runs the loop until `main` (an awaitable, or a function returning one) completes.
@@ -112,6 +114,12 @@ private:
     }
   }
 
+  entrypoint& live() {
+    if (shut_down_ || !io_ || !pool_) {
+      throw error(errc::loop_gone, "ferry::entrypoint: run() has finished and shut the loop down");
+    }
+    return *this;
+  }
   void start_signals();
   static void report_task_failure(const std::exception_ptr& e) noexcept;
   // Runs the loop until `done` is true (spinning first when loop_spin > 0). False when the
@@ -132,6 +140,7 @@ private:
 
 template <class Main>
 auto entrypoint::run(Main&& main) {
+  live();
   using awaitable_type = decltype(awaitable_of(std::forward<Main>(main)));
   using T = typename detail::awaitable_value<std::decay_t<awaitable_type>>::type;
   bool done = false;
