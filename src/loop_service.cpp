@@ -1,5 +1,6 @@
 #include <ferry/detail/loop_service.hpp>
 
+#include <atomic>
 #include <cstdio>
 
 namespace ferry::detail {
@@ -34,12 +35,35 @@ std::vector<running_thread> separate_thread_registry::wait_all_for(
   return running();
 }
 
+namespace {
+std::atomic<std::uint64_t> service_generation{1};
+struct service_cache {
+  asio::execution_context* ctx = nullptr;
+  loop_service* service = nullptr;
+  std::uint64_t generation = 0;
+};
+thread_local service_cache tls_service_cache;
+}  // namespace
+
+loop_service& loop_service::of(asio::execution_context& ctx) {
+  service_cache& c = tls_service_cache;
+  const std::uint64_t gen = service_generation.load(std::memory_order_acquire);
+  if (c.ctx == &ctx && c.generation == gen) return *c.service;
+  loop_service& svc = asio::use_service<loop_service>(ctx);
+  // Cache under the generation read *before* the lookup: anything destroyed since then
+  // (and our own creation) invalidates the entry; the next call refreshes it.
+  c = {&ctx, &svc, gen};
+  return svc;
+}
+
 loop_service::loop_service(asio::execution_context& ctx)
     : asio::execution_context::service(ctx),
       completions_(std::make_shared<completion_queue>()),
-      threads_(std::make_shared<separate_thread_registry>()) {}
+      threads_(std::make_shared<separate_thread_registry>()) {
+  service_generation.fetch_add(1, std::memory_order_acq_rel);
+}
 
-loop_service::~loop_service() = default;
+loop_service::~loop_service() { service_generation.fetch_add(1, std::memory_order_acq_rel); }
 
 thread_pool& loop_service::default_pool() {
   if (asio::has_service<pool_identity>(context())) {

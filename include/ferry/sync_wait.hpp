@@ -34,6 +34,7 @@
 #include <asio/post.hpp>
 
 #include <chrono>
+#include <atomic>
 #include <condition_variable>
 #include <exception>
 #include <functional>
@@ -59,12 +60,17 @@ struct sync_state {
   bool ready = false;  // the result is in, the waiter not yet woken
   std::exception_ptr pending_error;
 
+  std::atomic<bool> done_flag{false};  // done, readable without the mutex (waiter spins)
+
   void finish(std::exception_ptr e) {
-    std::lock_guard lock(mu);
-    if (done) return;
-    error = ready ? std::move(pending_error) : std::move(e);
-    done = true;
-    cv.notify_all();
+    {
+      std::lock_guard lock(mu);
+      if (done) return;
+      error = ready ? std::move(pending_error) : std::move(e);
+      done = true;
+      done_flag.store(true, std::memory_order_release);
+    }
+    cv.notify_all();  // outside the lock: the woken waiter does not block on it again
   }
 
   void finish_ready() { finish(nullptr); }
@@ -183,6 +189,12 @@ auto sync_wait_impl(std::optional<std::chrono::nanoseconds> timeout, const Execu
   if (io) live = asio::use_service<loop_service>(*io).liveness();
   const auto deadline = timeout ? std::chrono::steady_clock::now() + *timeout
                                 : std::chrono::steady_clock::time_point::max();
+  // Spin briefly first: a short coroutine usually finishes within a few µs, and a waiter
+  // that never parked costs no wake-up (bounded: 50 µs, then the condition variable).
+  const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
+  while (!state->done_flag.load(std::memory_order_acquire) &&
+         std::chrono::steady_clock::now() < spin_until) {
+  }
   std::unique_lock lock(state->mu);
   while (!state->done) {
     // Wake every 10 ms to notice a stopped loop (io_context has no stop notification).

@@ -77,7 +77,7 @@ namespace ferry {
 
 // The pool threaded calls awaited on `ctx` use when none is bound (created on first use).
 inline thread_pool& default_pool(asio::execution_context& ctx) {
-  return asio::use_service<detail::loop_service>(ctx).default_pool();
+  return detail::loop_service::of(ctx).default_pool();
 }
 // A coroutine running on a ferry::thread_pool sends its blocking calls to that pool itself.
 inline thread_pool& default_pool(thread_pool& pool) noexcept { return pool; }
@@ -186,8 +186,9 @@ public:
 
   const loop_executor& loop() const noexcept { return loop_; }
   decltype(auto) loop_context() const { return loop_context_of(loop_); }
-  const std::shared_ptr<separate_thread_registry>& registry() const noexcept {
-    return registry_;
+  const std::shared_ptr<separate_thread_registry>& registry() const {
+    return loop_service::of(static_cast<asio::execution_context&>(loop_context_of(loop_)))
+        .separate_threads();
   }
 
   // Connects cancellation; call once the op is fully set up, before launching.
@@ -249,10 +250,8 @@ private:
         fn_(std::forward<F>(fn)),
         args_(std::forward<A>(args)...),
         snapshot_(current_frame().snapshot) {
-    auto& svc = asio::use_service<loop_service>(
-        static_cast<asio::execution_context&>(loop_context_of(loop_)));
-    queue_ = svc.completions();
-    registry_ = svc.separate_threads();
+    queue_ = loop_service::of(static_cast<asio::execution_context&>(loop_context_of(loop_)))
+                 .completions();
     this->deliver = &threaded_op::do_deliver;
     this->discard = &threaded_op::do_discard;
   }
@@ -334,7 +333,8 @@ private:
       }
       return;
     }
-    std::shared_ptr<completion_queue> q = queue_;
+    // Only one push per op: take the queue reference along, the op may be freed after it.
+    std::shared_ptr<completion_queue> q = std::move(queue_);
     auto target = unwrap_context(loop_);
     try {
       if constexpr (std::is_same_v<decltype(target), asio::any_io_executor>) {
@@ -406,7 +406,6 @@ private:
   std::tuple<Args...> args_;
   context_snapshot snapshot_;
   std::shared_ptr<completion_queue> queue_;
-  std::shared_ptr<separate_thread_registry> registry_;
   asio::cancellation_slot slot_;
   [[no_unique_address]] std::conditional_t<with_stop, std::stop_source, std::monostate> stop_;
   std::exception_ptr error_;

@@ -66,6 +66,11 @@ public:
   explicit loop_service(asio::execution_context& ctx);
   ~loop_service() override;
 
+  // asio::use_service<loop_service>(ctx), without its registry mutex on the hot path: a
+  // per-thread one-entry cache, invalidated whenever any loop_service is created or
+  // destroyed (so a new context at a dead one's address is never confused with it).
+  static loop_service& of(asio::execution_context& ctx);
+
   const std::shared_ptr<completion_queue>& completions() const noexcept { return completions_; }
   const std::shared_ptr<separate_thread_registry>& separate_threads() const noexcept {
     return threads_;
