@@ -422,3 +422,17 @@ FERRY_TEST_CASE(many_calls_in_flight_all_complete_exactly_once) {
   for (long i = 0; i < 2000; ++i) expected += i * i;
   BOOST_TEST(sum == expected);
 }
+
+FERRY_TEST_CASE(a_new_loop_at_a_dead_loops_address_gets_its_own_services) {
+  // The per-thread cache of loop services must never hand a new loop its predecessor's.
+  for (int round = 0; round < 3; ++round) {
+    auto io = std::make_unique<asio::io_context>();
+    ferry::thread_pool& def = ferry::default_pool(*io);
+    auto on_default = ferry::threaded([&] { return def.running_in_this_thread(); });
+    bool ok = false;
+    ferry::co_spawn(*io, [&]() -> asio::awaitable<void> { ok = co_await on_default(); },
+                    asio::detached);
+    io->run();
+    BOOST_TEST(ok);
+  }
+}
