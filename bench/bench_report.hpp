@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdio>
+#include <cstring>
 #include <map>
 #include <optional>
 #include <ostream>
@@ -394,5 +395,30 @@ private:
   std::vector<row> rows_;
   std::vector<std::string> notes_;
 };
+
+// Removes `--quick` from the command line. In quick mode it puts a short
+// --benchmark_min_time first, so an explicit one later on the line still wins. The result
+// is null-terminated as benchmark::Initialize expects; `argc` counts without the null.
+struct command_line {
+  bool quick = false;
+  int argc = 0;
+  std::vector<char*> argv;
+};
+
+inline command_line split_quick_flag(int argc, char** argv) {
+  static char quick_min_time[] = "--benchmark_min_time=0.1";
+  command_line out;
+  for (int i = 0; i < argc; ++i) {
+    if (i > 0 && std::strcmp(argv[i], "--quick") == 0) {
+      out.quick = true;
+    } else {
+      out.argv.push_back(argv[i]);
+    }
+  }
+  if (out.quick) out.argv.insert(out.argv.begin() + 1, quick_min_time);
+  out.argc = static_cast<int>(out.argv.size());
+  out.argv.push_back(nullptr);
+  return out;
+}
 
 }  // namespace ferry_bench

@@ -768,29 +768,17 @@ int main(int argc, char** argv) {
   tbb::task_scheduler_handle tbb_handle{tbb::attach{}};
 
   config cfg;
-  std::vector<char*> args;
-  static char quick_min_time[] = "--benchmark_min_time=0.1";
-  for (int i = 0; i < argc; ++i) {
-    if (i > 0 && std::strcmp(argv[i], "--quick") == 0) {
-      cfg.quick = true;
-    } else {
-      args.push_back(argv[i]);
-    }
-  }
+  ferry_bench::command_line cmd = ferry_bench::split_quick_flag(argc, argv);
+  cfg.quick = cmd.quick;
   if (cfg.quick) {
-    // Inserted first, so an explicit --benchmark_min_time later on the line still wins.
-    args.insert(args.begin() + 1, quick_min_time);
     cfg.latency_warmup = 200;
     cfg.idle_sleep_s = 0.3;
     cfg.alloc_round = 10000;
     cfg.alloc_rounds = 5;
     cfg.repetitions = 1;
   }
-  int bench_argc = static_cast<int>(args.size());
-  args.push_back(nullptr);
-
-  benchmark::Initialize(&bench_argc, args.data());
-  if (benchmark::ReportUnrecognizedArguments(bench_argc, args.data())) return 1;
+  benchmark::Initialize(&cmd.argc, cmd.argv.data());
+  if (benchmark::ReportUnrecognizedArguments(cmd.argc, cmd.argv.data())) return 1;
 
   register_all(cfg);
   {

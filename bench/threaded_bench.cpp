@@ -1076,18 +1076,9 @@ void print_summary(const ferry_bench::result_store& r, const config& cfg) {
 
 int main(int argc, char** argv) {
   config cfg;
-  std::vector<char*> args;
-  static char quick_min_time[] = "--benchmark_min_time=0.1";
-  for (int i = 0; i < argc; ++i) {
-    if (i > 0 && std::strcmp(argv[i], "--quick") == 0) {
-      cfg.quick = true;
-    } else {
-      args.push_back(argv[i]);
-    }
-  }
+  ferry_bench::command_line cmd = ferry_bench::split_quick_flag(argc, argv);
+  cfg.quick = cmd.quick;
   if (cfg.quick) {
-    // Inserted first, so an explicit --benchmark_min_time later on the line still wins.
-    args.insert(args.begin() + 1, quick_min_time);
     cfg.rt_calls = 5000;
     cfg.inflight_min_time = 0;
     cfg.rt_warmup = 500;
@@ -1100,11 +1091,8 @@ int main(int argc, char** argv) {
     cfg.ctx_triples = 40;
     cfg.repetitions = 1;
   }
-  int bench_argc = static_cast<int>(args.size());
-  args.push_back(nullptr);
-
-  benchmark::Initialize(&bench_argc, args.data());
-  if (benchmark::ReportUnrecognizedArguments(bench_argc, args.data())) return 1;
+  benchmark::Initialize(&cmd.argc, cmd.argv.data());
+  if (benchmark::ReportUnrecognizedArguments(cmd.argc, cmd.argv.data())) return 1;
 
   watchdog dog;
   g_watchdog = &dog;
