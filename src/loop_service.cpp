@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <cstdio>
+#include <utility>
 
 namespace ferry::detail {
 
@@ -84,10 +85,47 @@ void loop_service::set_default_pool(thread_pool& pool) {
   pool_ = &pool;  // a previously owned pool stays alive until shutdown (calls may run on it)
 }
 
+bool loop_service::add_pending(pending_wait* w) noexcept {
+  std::lock_guard lock(pending_mu_);
+  if (pending_closed_) return false;
+  w->pending_prev = nullptr;
+  w->pending_next = pending_;
+  if (pending_) pending_->pending_prev = w;
+  pending_ = w;
+  return true;
+}
+
+void loop_service::remove_pending(pending_wait* w) noexcept {
+  std::lock_guard lock(pending_mu_);
+  if (pending_closed_) return;  // shutdown owns the list now
+  if (w->pending_prev) {
+    w->pending_prev->pending_next = w->pending_next;
+  } else if (pending_ == w) {
+    pending_ = w->pending_next;
+  } else {
+    return;  // not registered
+  }
+  if (w->pending_next) w->pending_next->pending_prev = w->pending_prev;
+  w->pending_prev = w->pending_next = nullptr;
+}
+
 void loop_service::shutdown() {
   {
     std::lock_guard lock(liveness_->mu);
     liveness_->gone = true;
+  }
+  // 0. Waits suspended on this loop are dropped: their handlers (coroutine frames) are
+  //    destroyed, which destroys the iterators they own and so stops their producers.
+  pending_wait* waits = nullptr;
+  {
+    std::lock_guard lock(pending_mu_);
+    pending_closed_ = true;
+    waits = std::exchange(pending_, nullptr);
+  }
+  while (waits) {
+    pending_wait* next = waits->pending_next;
+    waits->abort_pending(waits);
+    waits = next;
   }
   // 1. The default pool this loop owns: queued calls complete with pool_closed, running
   //    ones finish (join). Their results are pushed while the queue still accepts them.

@@ -130,6 +130,8 @@ using task_queue = moodycamel::ConcurrentQueue<queued_task, queue_traits>;
 
 constexpr std::size_t max_batch = 32;
 constexpr std::size_t submit_stripes = 8;
+// Elastic workers (standing in for workers held by long-running producers) per pool, at most.
+constexpr std::size_t max_elastic = 64;
 // A batch that has run this long hands its unstarted tasks back when a worker is idle, so
 // a slow task never holds finished-looking work hostage behind it.
 constexpr std::chrono::microseconds give_back_after{50};
@@ -163,6 +165,9 @@ struct alignas(64) worker {
   // Futex word: 1 while parked; cleared by whoever wakes it. Own cache line.
   alignas(64) std::atomic<std::uint32_t> parked{0};
   bool in_idle_list = false;  // guarded by pool_core::idle_mu_
+  bool elastic = false;       // an extra worker standing in for held ones
+  bool retiring = false;      // written by this worker only
+  std::atomic<bool> slot_free{true};  // elastic slots: the thread has left worker_main
   std::size_t index = 0;
   std::string name;
   std::thread thread;
@@ -181,7 +186,8 @@ public:
       : options_(std::move(options)),
         queue_(max_batch * 8),
         size_(options_.threads),
-        workers_(std::make_unique<worker[]>(options_.threads)),
+        workers_(std::make_unique<worker[]>(options_.threads + max_elastic)),
+        slots_used_(options_.threads),
         spin_ticks_(to_ticks(options_.spin)),
         give_back_ticks_(to_ticks(give_back_after)),
         spin_cap_(options_.max_spinning == 0 ? options_.threads
@@ -195,6 +201,44 @@ public:
       w.name = options_.name + ":" + std::to_string(i);
       w.consumer.emplace(queue_);
       w.producer.emplace(queue_);
+      w.slot_free.store(false, std::memory_order_relaxed);
+    }
+  }
+
+  void spawn_elastic_locked() noexcept {
+    for (std::size_t i = size_; i < size_ + max_elastic; ++i) {
+      worker& w = workers_[i];
+      if (!w.slot_free.load(std::memory_order_acquire)) continue;
+      try {
+        if (w.thread.joinable()) w.thread.join();  // a retired occupant, already leaving
+        if (!w.consumer) {
+          w.consumer.emplace(queue_);
+          w.producer.emplace(queue_);
+          w.index = i;
+          w.name = options_.name + ":e" + std::to_string(i - size_);
+          w.elastic = true;
+        }
+        w.retiring = false;
+        w.slot_free.store(false, std::memory_order_relaxed);
+        {
+          std::lock_guard lock(exit_mu_);
+          ++alive_;
+        }
+        if (slots_used() < i + 1) slots_used_.store(i + 1, std::memory_order_release);
+        auto self = shared_from_this();
+        w.thread = std::thread([self, &w] { self->worker_main(w); });
+#if defined(__linux__)
+        std::string short_name = w.name.substr(0, 15);
+        pthread_setname_np(w.thread.native_handle(), short_name.c_str());
+#endif
+        ++elastic_active_;
+      } catch (...) {
+        // No thread could be started: the pool keeps going without the stand-in.
+        w.slot_free.store(true, std::memory_order_release);
+        std::lock_guard lock(exit_mu_);
+        --alive_;
+      }
+      return;
     }
   }
 
@@ -261,17 +305,73 @@ public:
 
   void join_threads() {
     std::lock_guard lock(join_mu_);
-    for (std::size_t i = 0; i < size_; ++i) {
-      worker& w = workers_[i];
-      if (w.thread.joinable()) {
-        if (w.thread.get_id() == std::this_thread::get_id()) {
-          w.thread.detach();  // the pool is being destroyed by its own task; see ~thread_pool
-        } else {
-          w.thread.join();
-        }
+    std::vector<std::thread> threads;
+    for (std::size_t i = 0; i < size_; ++i) threads.push_back(std::move(workers_[i].thread));
+    {
+      // Elastic threads are taken out under the mutex (spawning may reuse a slot), joined
+      // outside it: one of them may be running a producer that is about to release.
+      std::lock_guard elastic_lock(elastic_mu_);
+      for (std::size_t i = size_; i < slots_used(); ++i) {
+        threads.push_back(std::move(workers_[i].thread));
+      }
+    }
+    for (std::thread& t : threads) {
+      if (!t.joinable()) continue;
+      if (t.get_id() == std::this_thread::get_id()) {
+        t.detach();  // the pool is being destroyed by its own task; see ~thread_pool
+      } else {
+        t.join();
       }
     }
   }
+
+  // --- elastic workers (rule I11) ------------------------------------------------------------
+  // A producer holding a worker for an iterator's life would starve the pool once every
+  // worker is held. hold() counts it; when no worker is left free an elastic worker starts
+  // (a full worker in its own slot). release() retires one once two are free again: a parked
+  // elastic worker is woken to exit, a busy or spinning one exits the next time it is idle.
+  bool hold() noexcept {
+    if (!on_worker()) return false;
+    std::lock_guard lock(elastic_mu_);
+    ++held_;
+    if (held_ >= size_ + elastic_active_ && !stop_flag_.load(std::memory_order_acquire)) {
+      spawn_elastic_locked();
+    }
+    return true;
+  }
+
+  void release() noexcept {
+    std::lock_guard lock(elastic_mu_);
+    --held_;
+    if (elastic_active_ == 0 || size_ + elastic_active_ - held_ < 2) return;
+    --elastic_active_;
+    retire_pending_.fetch_add(1, std::memory_order_acq_rel);
+    std::lock_guard idle_lock(idle_mu_);
+    for (auto it = idle_.begin(); it != idle_.end(); ++it) {
+      worker* w = *it;
+      if (!w->elastic) continue;
+      idle_.erase(it);
+      w->in_idle_list = false;
+      state_.fetch_add(one_spinner - one_sleeper, std::memory_order_acq_rel);
+      w->parked.store(0, std::memory_order_release);
+      w->parked.notify_one();
+      break;
+    }
+  }
+
+  bool take_retirement(worker& w) noexcept {
+    if (!w.elastic) return false;
+    std::size_t n = retire_pending_.load(std::memory_order_acquire);
+    while (n != 0) {
+      if (retire_pending_.compare_exchange_weak(n, n - 1, std::memory_order_acq_rel)) {
+        w.retiring = true;
+        return true;
+      }
+    }
+    return false;
+  }
+
+  std::size_t slots_used() const noexcept { return slots_used_.load(std::memory_order_acquire); }
 
   bool wait_exit_until(steady::time_point deadline) {
     std::unique_lock lock(exit_mu_);
@@ -281,7 +381,7 @@ public:
   std::vector<busy_worker> busy_workers() const {
     std::vector<busy_worker> out;
     const std::uint64_t now = ticks();
-    for (std::size_t i = 0; i < size_; ++i) {
+    for (std::size_t i = 0; i < slots_used(); ++i) {
       const std::uint64_t since = workers_[i].busy_since.load(std::memory_order_relaxed);
       if (since == 0) continue;
       const auto ns = static_cast<std::int64_t>(static_cast<double>(now - since) / ticks_per_ns());
@@ -315,7 +415,7 @@ public:
     s.threads = size_;
     s.submitted = submitted_total();
     std::uint64_t started = 0, user = 0;
-    for (std::size_t i = 0; i < size_; ++i) {
+    for (std::size_t i = 0; i < slots_used(); ++i) {
       const worker& w = workers_[i];
       started += w.started.load(std::memory_order_relaxed);
       s.completed += w.completed.load(std::memory_order_relaxed);
@@ -330,6 +430,11 @@ public:
       s.parked = static_cast<std::size_t>(sleepers(st));
     }
     s.wakeups = wakeups_.load(std::memory_order_relaxed);
+    {
+      std::lock_guard lock(elastic_mu_);
+      s.held = held_;
+      s.elastic = elastic_active_;
+    }
     const std::uint64_t gone = started + s.abandoned;
     s.queued = s.submitted > gone ? s.submitted - gone : 0;
     // Long-span ratio: more exact than the start-up calibration.
@@ -372,7 +477,7 @@ private:
 
   std::uint64_t finished_total() const noexcept {
     std::uint64_t sum = abandoned_.load(std::memory_order_relaxed);
-    for (std::size_t i = 0; i < size_; ++i) {
+    for (std::size_t i = 0; i < slots_used(); ++i) {
       sum += workers_[i].completed.load(std::memory_order_relaxed);
     }
     return sum;
@@ -462,6 +567,10 @@ private:
         }
         if (stop_flag_.load(std::memory_order_acquire)) return 0;
       }
+      if (take_retirement(w)) {
+        if (spinning) leave_spinning();
+        return 0;
+      }
       {
         std::lock_guard lock(idle_mu_);
         if (stop_flag_.load(std::memory_order_relaxed)) return 0;
@@ -494,7 +603,11 @@ private:
         w.parked.wait(1, std::memory_order_acquire);
       }
       if (stop_flag_.load(std::memory_order_acquire)) return 0;
-      spinning = true;  // wake_one made us a spinner
+      spinning = true;  // wake_one (or release) made us a spinner
+      if (take_retirement(w)) {
+        leave_spinning();
+        return 0;
+      }
     }
   }
 
@@ -504,6 +617,7 @@ private:
     queued_task buf[max_batch];
     std::size_t limit = 1;
     while (!stop_flag_.load(std::memory_order_acquire)) {
+      if (take_retirement(w)) break;
       std::size_t k = pop(w, buf, limit);
       if (k == 0) {
         k = idle(w, buf, limit);
@@ -515,7 +629,8 @@ private:
     }
     tls_core = nullptr;
     tls_worker = nullptr;
-    drain_abandon();
+    if (!w.retiring) drain_abandon();
+    if (w.elastic) w.slot_free.store(true, std::memory_order_release);
     {
       std::lock_guard lock(exit_mu_);
       --alive_;
@@ -621,6 +736,7 @@ private:
   task_queue queue_;
   const std::size_t size_;
   std::unique_ptr<worker[]> workers_;
+  std::atomic<std::size_t> slots_used_;  // high-water mark of used worker slots
   const std::uint64_t spin_ticks_;
   const std::uint64_t give_back_ticks_;
   const std::size_t spin_cap_;
@@ -646,6 +762,11 @@ private:
   std::condition_variable exit_cv_;
   std::size_t alive_ = 0;  // guarded by exit_mu_
   std::mutex join_mu_;
+
+  mutable std::mutex elastic_mu_;
+  std::size_t held_ = 0;            // guarded by elastic_mu_
+  std::size_t elastic_active_ = 0;  // guarded by elastic_mu_
+  std::atomic<std::size_t> retire_pending_{0};
 };
 
 void pool_enqueue(pool_core& core, task&& t, when_closed policy) {
@@ -655,6 +776,8 @@ void pool_enqueue_bulk(pool_core& core, task* first, std::size_t n) {
   core.enqueue_bulk(first, n);
 }
 bool pool_on_worker(const pool_core& core) noexcept { return core.on_worker(); }
+bool pool_hold_worker(pool_core& core) noexcept { return core.hold(); }
+void pool_release_worker(pool_core& core) noexcept { core.release(); }
 void pool_note_failure() noexcept {
   if (tls_core) tls_core->note_failure();
 }

@@ -39,3 +39,4 @@ void start_separate_thread(std::string name, std::function<void()> body) {
 }
 
 }  // namespace ferry::detail
+

@@ -8,5 +8,7 @@
 #include <ferry/co_spawn.hpp>
 #include <ferry/threaded.hpp>
 #include <ferry/sync_wait.hpp>
+#include <ferry/from_thread_channel.hpp>
+#include <ferry/threaded_iterable.hpp>
 #include <ferry/shared_context.hpp>
 #include <ferry/entrypoint.hpp>

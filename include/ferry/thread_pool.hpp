@@ -91,6 +91,8 @@ struct thread_pool_stats {
   std::size_t busy = 0;           // workers running a task right now
   std::size_t spinning = 0;       // idle workers spinning for work right now
   std::size_t parked = 0;         // idle workers parked (asleep) right now
+  std::size_t held = 0;           // workers held by long-running producers (threaded iterators)
+  std::size_t elastic = 0;        // extra workers standing in for held ones right now
   std::uint64_t wakeups = 0;      // times a parked worker was woken for new work
   std::chrono::nanoseconds user_time{0};  // total time workers spent in tasks
 };
@@ -117,6 +119,11 @@ void pool_enqueue_bulk(pool_core& core, task* first, std::size_t n);
 bool pool_on_worker(const pool_core& core) noexcept;
 struct pool_access;
 void pool_note_failure() noexcept;  // the task running on this worker failed
+// The task running on this worker will hold it for a long time (a threaded iterator's
+// producer). While every worker is held, the pool adds an elastic worker so that queued
+// work still runs; release gives it back. No-ops off the pool's own workers.
+bool pool_hold_worker(pool_core& core) noexcept;
+void pool_release_worker(pool_core& core) noexcept;
 }  // namespace detail
 
 class thread_pool : public asio::execution_context {
@@ -287,6 +294,21 @@ private:
 // For ferry's own layers: queue a task whose waiter must hear pool_closed (via its
 // ferry_abandon) instead of an exception at the submission site.
 struct pool_access {
+  // RAII: the calling worker is held by a long-running producer (see pool_hold_worker).
+  class held_worker {
+  public:
+    explicit held_worker(thread_pool& pool) noexcept
+        : core_(pool_hold_worker(*pool.core_) ? pool.core_.get() : nullptr) {}
+    ~held_worker() {
+      if (core_) pool_release_worker(*core_);
+    }
+    held_worker(const held_worker&) = delete;
+    held_worker& operator=(const held_worker&) = delete;
+
+  private:
+    pool_core* core_;
+  };
+
   template <class F>
   static void post_abandonable(thread_pool& pool, F&& f) {
     pool_enqueue(*pool.core_, task(std::forward<F>(f)), when_closed::abandon);

@@ -43,6 +43,7 @@
 #include <ferry/context.hpp>
 #include <ferry/detail/completion_queue.hpp>
 #include <ferry/detail/current_loop.hpp>
+#include <ferry/detail/loop_executor.hpp>
 #include <ferry/detail/loop_service.hpp>
 #include <ferry/error.hpp>
 #include <ferry/thread_pool.hpp>
@@ -75,18 +76,6 @@
 
 namespace ferry {
 
-// The pool threaded calls awaited on `ctx` use when none is bound (created on first use).
-inline thread_pool& default_pool(asio::execution_context& ctx) {
-  return detail::loop_service::of(ctx).default_pool();
-}
-// A coroutine running on a ferry::thread_pool sends its blocking calls to that pool itself.
-inline thread_pool& default_pool(thread_pool& pool) noexcept { return pool; }
-
-// Replaces the default pool of `ctx`; `pool` must outlive the calls made on it.
-inline void set_default_pool(asio::execution_context& ctx, thread_pool& pool) {
-  asio::use_service<detail::loop_service>(ctx).set_default_pool(pool);
-}
-
 namespace detail {
 
 template <class F, class... Args>
@@ -103,47 +92,6 @@ struct threaded_result<F, Args...> {
 };
 template <class F, class... Args>
 using threaded_result_t = typename threaded_result<F, Args...>::type;
-
-template <class Executor>
-const auto& unwrap_context(const Executor& ex) noexcept {
-  if constexpr (requires { ex.get_inner_executor(); }) {
-    return unwrap_context(ex.get_inner_executor());
-  } else {
-    return ex;
-  }
-}
-
-// The execution context a handler's executor belongs to. Handlers without one (a plain
-// callback's system_executor, use_future's) belong to the system context; their results
-// are delivered on the thread that finished the call, without a hop.
-template <class Executor>
-decltype(auto) loop_context_of(const Executor& ex) {
-  using plain = std::decay_t<decltype(unwrap_context(ex))>;
-  using context_ref = asio::execution::context_as_t<asio::execution_context&>;
-  if constexpr (std::is_same_v<plain, asio::system_executor>) {
-    return static_cast<asio::execution_context&>(
-        asio::query(asio::system_executor(), asio::execution::context));
-  } else if constexpr (asio::can_query<const plain&, asio::execution::context_t>::value) {
-    return asio::query(unwrap_context(ex), asio::execution::context);
-  } else if constexpr (asio::can_query<const plain&, context_ref>::value) {
-    return asio::query(unwrap_context(ex), context_ref());  // any_io_executor
-  } else {
-    return static_cast<asio::execution_context&>(
-        asio::query(asio::system_executor(), asio::execution::context));
-  }
-}
-
-// Handlers whose executor names no loop: a plain callback (system_executor), use_future.
-template <class Executor>
-inline constexpr bool delivers_inline_v =
-    std::is_same_v<std::decay_t<decltype(unwrap_context(std::declval<const Executor&>()))>,
-                   asio::system_executor> ||
-    !(asio::can_query<const std::decay_t<decltype(unwrap_context(
-                          std::declval<const Executor&>()))>&,
-                      asio::execution::context_t>::value ||
-      asio::can_query<const std::decay_t<decltype(unwrap_context(
-                          std::declval<const Executor&>()))>&,
-                      asio::execution::context_as_t<asio::execution_context&>>::value);
 
 std::exception_ptr make_aborted_error();
 std::exception_ptr make_pool_closed_error();
@@ -335,22 +283,8 @@ private:
     }
     // Only one push per op: take the queue reference along, the op may be freed after it.
     std::shared_ptr<completion_queue> q = std::move(queue_);
-    auto target = unwrap_context(loop_);
     try {
-      if constexpr (std::is_same_v<decltype(target), asio::any_io_executor>) {
-        // Post the drain straight to the io_context behind the type-erased executor: the
-        // drain's arena allocator survives that path, not the type-erased one.
-        using io_executor = asio::io_context::executor_type;
-        if (const auto* io = target_of<io_executor>(target)) {
-          q->push(this, *io);
-          return;
-        }
-        if (const auto* ce = target_of<context_executor<io_executor>>(target)) {
-          q->push(this, ce->get_inner_executor());
-          return;
-        }
-      }
-      q->push(this, target);
+      push_to_loop(*q, this, loop_);
     } catch (...) {
       // Posting the drain failed (out of memory): nothing can be delivered now.
     }

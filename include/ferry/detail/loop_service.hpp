@@ -2,7 +2,11 @@
 // 5: no hidden globals). One Asio service per execution context holds:
 //  * the completion queue threaded results return through,
 //  * the default pool for threaded calls awaited on that loop (rule T2),
-//  * the registry of threads started by threaded_separate (rule T8).
+//  * the registry of threads started by threaded_separate (rule T8),
+//  * the waits suspended on that loop by ferry's channels and iterators, so that destroying
+//    the loop destroys their handlers (and with them the coroutine frames that own the
+//    iterators, whose destructors then stop the producers), as Asio does with its own
+//    pending operations.
 #pragma once
 
 #include <ferry/detail/completion_queue.hpp>
@@ -58,6 +62,14 @@ struct loop_liveness {
   bool gone = false;
 };
 
+// A wait suspended on a loop (see loop_service::add_pending).
+struct pending_wait {
+  pending_wait* pending_prev = nullptr;
+  pending_wait* pending_next = nullptr;
+  // The loop is being destroyed: drop the wait without completing it.
+  void (*abort_pending)(pending_wait*) noexcept = nullptr;
+};
+
 class loop_service : public asio::execution_context::service {
 public:
   using key_type = loop_service;
@@ -77,6 +89,11 @@ public:
   }
   const std::shared_ptr<loop_liveness>& liveness() const noexcept { return liveness_; }
 
+  // Registers a suspended wait; false once the loop is shutting down (the caller then
+  // drops the wait itself). remove_pending is a no-op for a wait already taken by shutdown.
+  bool add_pending(pending_wait* w) noexcept;
+  void remove_pending(pending_wait* w) noexcept;
+
   thread_pool& default_pool();
   void set_default_pool(thread_pool& pool);
 
@@ -92,6 +109,9 @@ private:
   std::shared_ptr<completion_queue> completions_;
   std::shared_ptr<separate_thread_registry> threads_;
   std::shared_ptr<loop_liveness> liveness_ = std::make_shared<loop_liveness>();
+  std::mutex pending_mu_;
+  pending_wait* pending_ = nullptr;  // guarded by pending_mu_
+  bool pending_closed_ = false;      // guarded by pending_mu_
   std::mutex pool_mu_;
   std::unique_ptr<thread_pool> owned_pool_;
   std::chrono::nanoseconds separate_wait_ = std::chrono::seconds(10);
