@@ -36,6 +36,39 @@ std::vector<running_thread> separate_thread_registry::wait_all_for(
   return running();
 }
 
+std::uint64_t producer_registry::add(std::function<void()> stop) {
+  {
+    std::lock_guard lock(mu_);
+    if (!closed_) {
+      const std::uint64_t id = next_id_++;
+      stops_.emplace(id, std::move(stop));
+      return id;
+    }
+  }
+  stop();
+  return 0;
+}
+
+void producer_registry::remove(std::uint64_t id) noexcept {
+  std::lock_guard lock(mu_);
+  stops_.erase(id);
+}
+
+void producer_registry::stop_all() noexcept {
+  std::map<std::uint64_t, std::function<void()>> stops;
+  {
+    std::lock_guard lock(mu_);
+    closed_ = true;
+    stops.swap(stops_);
+  }
+  for (auto& [id, stop] : stops) {
+    try {
+      stop();
+    } catch (...) {
+    }
+  }
+}
+
 namespace {
 std::atomic<std::uint64_t> service_generation{1};
 struct service_cache {
@@ -114,7 +147,10 @@ void loop_service::shutdown() {
     std::lock_guard lock(liveness_->mu);
     liveness_->gone = true;
   }
-  // 0. Waits suspended on this loop are dropped: their handlers (coroutine frames) are
+  // 0. Producers of threaded iterators consumed on this loop are stopped (their channels
+  //    closed), so none of them keeps a pool worker or a thread busy through what follows.
+  producers_->stop_all();
+  //    Waits suspended on this loop are dropped: their handlers (coroutine frames) are
   //    destroyed, which destroys the iterators they own and so stops their producers.
   pending_wait* waits = nullptr;
   {

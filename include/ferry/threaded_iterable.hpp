@@ -49,11 +49,14 @@
 //    completes only after the producer has returned and its destructors ran. A producer
 //    blocked on a full channel is released at once (its out() returns false); one inside its
 //    own blocking call gets a stop request on its std::stop_token, otherwise close waits for
-//    its next out(). close_for(timeout) bounds the wait and says whether it finished.
+//    its next out(). close_for(timeout) bounds the wait and says whether it finished. After
+//    close, next() returns std::nullopt (items still buffered are dropped with the channel).
 //  * Early exit (I8): destroying the iterator without close — the consumer broke out, threw
 //    or was cancelled — closes and stop-requests as close() does, without waiting; the
 //    producer's cleanup then runs on its own thread, exactly once. Destruction never blocks
-//    and never touches the loop, which may already be gone.
+//    and never touches the loop, which may already be gone. Destroying the consumer's loop
+//    stops every producer consumed there (before the loop joins its default pool), and
+//    destroys the coroutines suspended in next() with their iterators.
 //  * Cancelling a consumer blocked in next() (its cancellation slot, e.g. a timer raced with
 //    `||`) ends the wait at once with ferry::error(operation_aborted); the iterator stays
 //    usable and no item is lost: one that arrived at that moment is returned by the next
@@ -356,6 +359,14 @@ public:
     snapshot_ = current_frame().snapshot;
     auto self = this->shared_from_this();
     try {
+      {
+        auto& ctx = static_cast<asio::execution_context&>(loop_context_of(consumer_));
+        registry_ = loop_service::of(ctx).producers();
+        std::weak_ptr<iterator_state> weak = self;
+        registry_id_ = registry_->add([weak] {
+          if (auto s = weak.lock()) s->stop_producer();
+        });
+      }
       switch (launch_.where) {
         case launch_spec::kind::default_pool: {
           auto& ctx = static_cast<asio::execution_context&>(loop_context_of(consumer_));
@@ -396,6 +407,7 @@ public:
 
   // close() and the iterator's destructor: never blocks.
   void request_close() noexcept {
+    consumer_closed_ = true;
     if (phase_ == phase::idle) {
       phase_ = phase::never_started;
       producer_.reset();  // it never ran; its captures go now
@@ -403,6 +415,14 @@ public:
       mark_finished();
       return;
     }
+    stop_producer();
+  }
+
+  // After close() the consumer sees the end, whatever is still buffered.
+  bool consumer_closed() const noexcept { return consumer_closed_; }
+
+  // Any thread: the consumer left, or its loop is being destroyed.
+  void stop_producer() noexcept {
     stop_.request_stop();
     channel.close();
   }
@@ -483,11 +503,15 @@ private:
   }
 
   void mark_finished() noexcept {
+    if (registry_) registry_->remove(registry_id_);
     finished_.store(true, std::memory_order_seq_cst);
     done_waiters.wake_all();
   }
 
-  phase phase_ = phase::idle;  // consumer side only
+  phase phase_ = phase::idle;     // consumer side only
+  bool consumer_closed_ = false;  // consumer side only
+  std::shared_ptr<producer_registry> registry_;  // set before launch
+  std::uint64_t registry_id_ = 0;
   launch_spec launch_;
   std::unique_ptr<producer_base<T>> producer_;
   std::stop_source stop_;
@@ -526,6 +550,7 @@ public:
   asio::awaitable<std::optional<T>> next() {
     detail::iterator_state<T>& s = checked("next");
     std::optional<T> item;
+    if (s.consumer_closed()) co_return item;
     for (;;) {
       if (s.channel.try_pop(item)) co_return item;
       const bool more = co_await wait_for_items(s);
@@ -540,6 +565,7 @@ public:
       throw error(errc::invalid_argument, "threaded_iterator::next_batch: max_items must be > 0");
     }
     std::vector<T> items;
+    if (s.consumer_closed()) co_return items;
     for (;;) {
       if (s.channel.try_pop_batch(items, max_items) != 0) co_return items;
       const bool more = co_await wait_for_items(s);

@@ -16,6 +16,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <condition_variable>
 #include <map>
 #include <memory>
@@ -62,6 +63,24 @@ struct loop_liveness {
   bool gone = false;
 };
 
+// Producers (threaded iterators) working on behalf of one loop. Destroying the loop stops
+// them all before it joins its default pool, so a producer blocked on a full channel whose
+// consumer coroutine is being destroyed cannot hold the shutdown up. Shared with the
+// producers, so it outlives the loop if one of them does.
+class producer_registry {
+public:
+  // Registers `stop` (any thread); called at once if the loop is already shutting down.
+  std::uint64_t add(std::function<void()> stop);
+  void remove(std::uint64_t id) noexcept;
+  void stop_all() noexcept;
+
+private:
+  std::mutex mu_;
+  std::uint64_t next_id_ = 1;
+  bool closed_ = false;
+  std::map<std::uint64_t, std::function<void()>> stops_;
+};
+
 // A wait suspended on a loop (see loop_service::add_pending).
 struct pending_wait {
   pending_wait* pending_prev = nullptr;
@@ -88,6 +107,7 @@ public:
     return threads_;
   }
   const std::shared_ptr<loop_liveness>& liveness() const noexcept { return liveness_; }
+  const std::shared_ptr<producer_registry>& producers() const noexcept { return producers_; }
 
   // Registers a suspended wait; false once the loop is shutting down (the caller then
   // drops the wait itself). remove_pending is a no-op for a wait already taken by shutdown.
@@ -109,6 +129,7 @@ private:
   std::shared_ptr<completion_queue> completions_;
   std::shared_ptr<separate_thread_registry> threads_;
   std::shared_ptr<loop_liveness> liveness_ = std::make_shared<loop_liveness>();
+  std::shared_ptr<producer_registry> producers_ = std::make_shared<producer_registry>();
   std::mutex pending_mu_;
   pending_wait* pending_ = nullptr;  // guarded by pending_mu_
   bool pending_closed_ = false;      // guarded by pending_mu_
