@@ -630,9 +630,12 @@ private:
         co_await asio::post(ex, asio::use_awaitable);
         continue;
       }
-      std::tuple<std::error_code> r = co_await detail::async_wait_until(
+      // Built in its own statement: no temporary with a destructor may live across the
+      // suspension (g++ 12 destroys such temporaries wrongly).
+      auto wait = detail::async_wait_until(
           c->readers(), state_, [c] { return c->readable(); }, std::nullopt,
           asio::experimental::as_tuple(asio::use_awaitable));
+      std::tuple<std::error_code> r = co_await std::move(wait);
       if (std::get<0>(r)) {
         note_wait(s, t0);
         throw error(std::get<0>(r), "threaded_iterator::next: cancelled");
@@ -651,9 +654,9 @@ private:
   asio::awaitable<bool> wait_finished(
       std::optional<std::chrono::steady_clock::time_point> deadline) {
     detail::iterator_state<T>* s = state_.get();
-    std::tuple<std::error_code> r = co_await detail::async_wait_until(
-        s->done_waiters, state_, [s] { return s->finished(); }, deadline,
-        asio::experimental::as_tuple(asio::use_awaitable));
+    auto wait = detail::async_wait_until(s->done_waiters, state_, [s] { return s->finished(); },
+                                         deadline, asio::experimental::as_tuple(asio::use_awaitable));
+    std::tuple<std::error_code> r = co_await std::move(wait);
     const std::error_code ec = std::get<0>(r);
     if (ec == errc::timed_out) co_return false;
     if (ec) throw error(ec, "threaded_iterator::close: cancelled");
@@ -797,7 +800,8 @@ asio::awaitable<void> for_each(threaded_iterator<T>& it, F fn) {
     std::optional<T> item = co_await it.next();
     if (!item) break;
     if constexpr (std::is_same_v<std::invoke_result_t<F&, T&&>, asio::awaitable<void>>) {
-      co_await fn(std::move(*item));
+      asio::awaitable<void> step = fn(std::move(*item));
+      co_await std::move(step);
     } else {
       fn(std::move(*item));
     }

@@ -1,0 +1,78 @@
+// ferry/flow/error.hpp — the dataflow layer's error codes and exceptions.
+//
+// Every exception here derives from ferry::error (a std::system_error), so one catch clause
+// sees the whole library; `e.code()` compares equal to a ferry::flow::errc value.
+//
+//     try { auto db = ctx.require<database>(); }
+//     catch (const ferry::flow::resource_not_found& e) { e.type_name(); e.name(); }
+#pragma once
+
+#include <ferry/error.hpp>
+
+#include <exception>
+#include <string>
+#include <system_error>
+#include <typeinfo>
+#include <vector>
+
+namespace ferry::flow {
+
+enum class errc {
+  resource_conflict = 1,  // a (type, name) this context already holds, or a second factory
+  resource_not_found,     // require<T>(name) found nothing
+  teardown_failed,        // one or more teardown callbacks threw (see teardown_error)
+  context_closed,         // the context is closed (or closing, for operations refused then)
+  invalid_name,           // a resource name that is not a non-empty [A-Za-z0-9_]+ identifier
+  null_resource,          // an empty value (null pointer) offered or produced as a resource
+};
+
+const std::error_category& error_category() noexcept;
+
+inline std::error_code make_error_code(errc e) noexcept {
+  return {static_cast<int>(e), error_category()};
+}
+
+// The readable (demangled) name of a type, for messages.
+std::string type_name(const std::type_info& t);
+
+class resource_conflict : public ferry::error {
+public:
+  resource_conflict(const std::string& type, const std::string& name, const std::string& what)
+      : ferry::error(make_error_code(errc::resource_conflict), what), type_(type), name_(name) {}
+  const std::string& type_name() const noexcept { return type_; }
+  const std::string& name() const noexcept { return name_; }
+
+private:
+  std::string type_;
+  std::string name_;
+};
+
+class resource_not_found : public ferry::error {
+public:
+  resource_not_found(const std::string& type, const std::string& name)
+      : ferry::error(make_error_code(errc::resource_not_found),
+                     "no resource of type " + type + " named '" + name + "'"),
+        type_(type),
+        name_(name) {}
+  const std::string& type_name() const noexcept { return type_; }
+  const std::string& name() const noexcept { return name_; }
+
+private:
+  std::string type_;
+  std::string name_;
+};
+
+// Every exception the teardown callbacks of one close() threw, in the order they ran.
+class teardown_error : public ferry::error {
+public:
+  explicit teardown_error(std::vector<std::exception_ptr> exceptions);
+  const std::vector<std::exception_ptr>& exceptions() const noexcept { return exceptions_; }
+
+private:
+  std::vector<std::exception_ptr> exceptions_;
+};
+
+}  // namespace ferry::flow
+
+template <>
+struct std::is_error_code_enum<ferry::flow::errc> : std::true_type {};
