@@ -29,9 +29,13 @@ find_package_handle_standard_args(Asio
 if(Asio_FOUND AND NOT TARGET Asio::Asio)
   find_package(Threads REQUIRED)
   add_library(Asio::Asio INTERFACE IMPORTED)
+  # Asio decides whether to allocate with aligned_alloc from a libstdc++ macro that only a
+  # standard header defines, so the choice would depend on include order and differ
+  # between translation units (an ODR violation ASan reports as alloc-dealloc-mismatch).
+  # Fixing it here makes every TU that links Asio::Asio agree.
   set_target_properties(Asio::Asio PROPERTIES
     INTERFACE_INCLUDE_DIRECTORIES "${Asio_INCLUDE_DIR}"
-    INTERFACE_COMPILE_DEFINITIONS "ASIO_STANDALONE;ASIO_NO_DEPRECATED"
+    INTERFACE_COMPILE_DEFINITIONS "ASIO_STANDALONE;ASIO_NO_DEPRECATED;ASIO_HAS_STD_ALIGNED_ALLOC=1"
     INTERFACE_LINK_LIBRARIES Threads::Threads)
 endif()
 mark_as_advanced(Asio_INCLUDE_DIR)

@@ -421,6 +421,10 @@ asio::awaitable<void> run_teardown_fn(
 
 asio::awaitable<void> context_teardown(
     const context& ctx, std::function<asio::awaitable<void>(context&, closing_signal)> fn) {
+  if (ctx.closing()) {
+    throw ferry::error(make_error_code(errc::context_closed),
+                       "ferry::flow::context_teardown: the context is closing or closed");
+  }
   auto s = std::make_shared<closing_signal::state>(ctx.get_executor());
   auto f = std::make_shared<std::function<asio::awaitable<void>(context&, closing_signal)>>(
       std::move(fn));
@@ -438,12 +442,26 @@ asio::awaitable<void> context_teardown(
   if (std::get<1>(r)) std::rethrow_exception(std::get<1>(r));
   if (s->ended_early) co_return;
   context target = ctx;
-  target.add_teardown_callback([s](std::exception_ptr closing) -> asio::awaitable<void> {
-    s->closing.try_send(std::error_code{}, std::move(closing));
+  std::exception_ptr refused;
+  try {
+    target.add_teardown_callback([s](std::exception_ptr closing) -> asio::awaitable<void> {
+      s->closing.try_send(std::error_code{}, std::move(closing));
+      std::tuple<std::error_code, std::exception_ptr> d =
+          co_await s->done.async_receive(asio::experimental::as_tuple(asio::use_awaitable));
+      if (std::get<1>(d)) std::rethrow_exception(std::get<1>(d));
+    });
+  } catch (...) {
+    refused = std::current_exception();  // the context closed during the set-up
+  }
+  if (refused) {
+    // Nobody will close it for us: run the teardown part now, with the refusal as the
+    // closing exception, then report the refusal.
+    s->closing.try_send(std::error_code{}, refused);
     std::tuple<std::error_code, std::exception_ptr> d =
         co_await s->done.async_receive(asio::experimental::as_tuple(asio::use_awaitable));
-    if (std::get<1>(d)) std::rethrow_exception(std::get<1>(d));
-  });
+    (void)d;
+    std::rethrow_exception(refused);
+  }
 }
 
 }  // namespace ferry::flow

@@ -351,7 +351,10 @@ private:
 // `co_await closing.wait()`, then returns; when ctx closes, fn resumes with the closing
 // exception, and the teardown waits for fn to finish (fn's exception joins the
 // teardown_error). An exception thrown before the wait is rethrown here and nothing is
-// registered. A fn that returns without waiting is simply done.
+// registered. A fn that returns without waiting is simply done. On a closing or closed
+// context it throws errc::context_closed without running fn; if the context closes while
+// fn is still setting up, fn's teardown part runs at once (with that error as the closing
+// exception) and context_closed is thrown.
 asio::awaitable<void> context_teardown(
     const context& ctx, std::function<asio::awaitable<void>(context&, closing_signal)> fn);
 
