@@ -42,6 +42,7 @@
 
 #include <asio/any_io_executor.hpp>
 #include <asio/async_result.hpp>
+#include <asio/cancellation_state.hpp>
 #include <asio/compose.hpp>
 #include <asio/error.hpp>
 #include <asio/execution_context.hpp>
@@ -80,6 +81,9 @@ struct channel_get_op {
       // Never complete inside the initiating function: the first look goes through the
       // wait, which posts at once when the channel is already readable.
       started = true;
+      // The wait honours terminal, partial and total cancellation (async_compose would
+      // pass only terminal on by default).
+      self.reset_cancellation_state(asio::enable_total_cancellation());
       async_wait_until(
           c->readers(), core, [c] { return c->readable(); }, deadline, std::move(self));
       return;

@@ -3,10 +3,11 @@
 //
 // Bounded (max_size > 0): a ring of exactly max_size cells, each with a sequence number
 // (Vyukov's bounded MPMC queue, with `pos % size` so the bound is exact, not rounded to a
-// power of two). A producer claims position p by CAS on tail_ when cell p's sequence is p,
-// constructs the item and publishes it by storing p + 1; a consumer claims p by CAS on
-// head_ when the sequence is p + 1, moves the item out and frees the cell for the next lap
-// by storing p + size. So at most max_size items are ever stored, and items leave in the
+// power of two). Sequences are doubled so that "free for position p" (2p) and "holds the
+// item of position p" (2p + 1) never coincide, even with a single cell. A producer claims
+// position p by CAS on tail_ when cell p's sequence is 2p, constructs the item and
+// publishes it by storing 2p + 1; a consumer claims p by CAS on head_ when the sequence is
+// 2p + 1, moves the item out and frees the cell for the next lap by storing 2(p + size). So at most max_size items are ever stored, and items leave in the
 // order their positions were claimed. Bit 63 of tail_ is the "closed" flag: a put either
 // claimed its cell before close() set the bit (the item will be delivered) or sees the bit
 // and fails; nothing slips in after the consumer saw "closed and drained".
@@ -82,7 +83,9 @@ public:
         producer_spin_(producer_spin) {
     if (cap_ != 0) {
       cells_ = std::make_unique<cell[]>(cap_);
-      for (std::size_t i = 0; i < cap_; ++i) cells_[i].seq.store(i, std::memory_order_relaxed);
+      for (std::size_t i = 0; i < cap_; ++i) {
+        cells_[i].seq.store(2 * std::uint64_t{i}, std::memory_order_relaxed);
+      }
     }
   }
 
@@ -91,7 +94,7 @@ public:
     const std::uint64_t tail = tail_.load(std::memory_order_relaxed) & ~closed_bit;
     for (std::uint64_t p = head_.load(std::memory_order_relaxed); p != tail; ++p) {
       cell& c = cells_[index(p)];
-      if (c.seq.load(std::memory_order_relaxed) == p + 1) c.item()->~T();
+      if (c.seq.load(std::memory_order_relaxed) == 2 * p + 1) c.item()->~T();
     }
   }
 
@@ -165,7 +168,7 @@ public:
              closed_flag_.load(std::memory_order_seq_cst);
     }
     const std::uint64_t head = head_.load(std::memory_order_seq_cst);
-    if (cells_[index(head)].seq.load(std::memory_order_seq_cst) == head + 1) return true;
+    if (cells_[index(head)].seq.load(std::memory_order_seq_cst) == 2 * head + 1) return true;
     return (tail_.load(std::memory_order_seq_cst) & closed_bit) != 0;
   }
 
@@ -173,7 +176,7 @@ public:
   bool has_item() const noexcept {
     if (cap_ == 0) return count_.load(std::memory_order_seq_cst) != 0;
     const std::uint64_t head = head_.load(std::memory_order_seq_cst);
-    return cells_[index(head)].seq.load(std::memory_order_seq_cst) == head + 1;
+    return cells_[index(head)].seq.load(std::memory_order_seq_cst) == 2 * head + 1;
   }
 
   // Closed, and every item put before the close has been taken.
@@ -211,9 +214,11 @@ public:
 
   std::size_t size() const noexcept {
     if (cap_ == 0) return count_.load(std::memory_order_relaxed);
-    const std::uint64_t head = head_.load(std::memory_order_relaxed);
-    const std::uint64_t tail = tail_.load(std::memory_order_relaxed) & ~closed_bit;
-    return tail > head ? static_cast<std::size_t>(tail - head) : 0;
+    // tail first: head only grows, so a later head can only make the difference smaller.
+    const std::uint64_t tail = tail_.load(std::memory_order_acquire) & ~closed_bit;
+    const std::uint64_t head = head_.load(std::memory_order_acquire);
+    const std::uint64_t n = tail > head ? tail - head : 0;
+    return static_cast<std::size_t>(n < cap_ ? n : cap_);
   }
 
   std::uint64_t produced() const noexcept {
@@ -243,7 +248,7 @@ private:
       if ((pos & closed_bit) != 0) return put_status::closed;
       c = &cells_[index(pos)];
       const std::uint64_t seq = c->seq.load(std::memory_order_seq_cst);
-      const auto dif = static_cast<std::int64_t>(seq - pos);
+      const auto dif = static_cast<std::int64_t>(seq - 2 * pos);
       if (dif == 0) {
         if (tail_.compare_exchange_weak(pos, pos + 1, std::memory_order_seq_cst,
                                         std::memory_order_relaxed)) {
@@ -263,7 +268,7 @@ private:
     // The cell is ours; a throwing move leaves a hole the consumer must skip, so require
     // nothrow moves for the ring (static_assert in the public types) or fall back to copy.
     ::new (static_cast<void*>(c->storage)) T(std::move(item));
-    c->seq.store(pos + 1, std::memory_order_seq_cst);
+    c->seq.store(2 * pos + 1, std::memory_order_seq_cst);
     return put_status::ok;
   }
 
@@ -273,7 +278,7 @@ private:
     for (;;) {
       c = &cells_[index(pos)];
       const std::uint64_t seq = c->seq.load(std::memory_order_seq_cst);
-      const auto dif = static_cast<std::int64_t>(seq - (pos + 1));
+      const auto dif = static_cast<std::int64_t>(seq - (2 * pos + 1));
       if (dif == 0) {
         if (head_.compare_exchange_weak(pos, pos + 1, std::memory_order_seq_cst,
                                         std::memory_order_relaxed)) {
@@ -288,7 +293,7 @@ private:
     T* p = c->item();
     out.emplace(std::move(*p));
     p->~T();
-    c->seq.store(pos + cap_, std::memory_order_seq_cst);
+    c->seq.store(2 * (pos + cap_), std::memory_order_seq_cst);
     return true;
   }
 
@@ -300,7 +305,7 @@ private:
       n = 0;
       while (n < max_items && n < cap_) {
         const cell& c = cells_[index(pos + n)];
-        if (c.seq.load(std::memory_order_seq_cst) != pos + n + 1) break;
+        if (c.seq.load(std::memory_order_seq_cst) != 2 * (pos + n) + 1) break;
         ++n;
       }
       if (n == 0) {
@@ -320,7 +325,7 @@ private:
       T* p = c.item();
       out.push_back(std::move(*p));
       p->~T();
-      c.seq.store(pos + i + cap_, std::memory_order_seq_cst);
+      c.seq.store(2 * (pos + i + cap_), std::memory_order_seq_cst);
     }
     return n;
   }

@@ -36,6 +36,7 @@
 #include <asio/post.hpp>
 #include <asio/recycling_allocator.hpp>
 #include <asio/steady_timer.hpp>
+#include <asio/system_executor.hpp>
 
 #include <atomic>
 #include <chrono>
@@ -189,7 +190,12 @@ private:
     slot_ = asio::get_associated_cancellation_slot(*handler_);
     if (slot_.is_connected()) slot_.template emplace<cancel_handler>(this);
     if (deadline) {
-      timer_.emplace(asio::any_io_executor(asio::get_associated_executor(*handler_)), *deadline);
+      if constexpr (std::is_constructible_v<asio::any_io_executor, const loop_executor&>) {
+        timer_.emplace(asio::any_io_executor(asio::get_associated_executor(*handler_)),
+                       *deadline);
+      } else {  // e.g. use_future's executor: the timer runs on the system context
+        timer_.emplace(asio::any_io_executor(asio::system_executor()), *deadline);
+      }
       refs_.fetch_add(1, std::memory_order_relaxed);
       timer_->async_wait([this](const std::error_code& ec) {
         if (!ec) finish_if_linked(make_error_code(errc::timed_out));
