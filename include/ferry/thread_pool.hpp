@@ -76,7 +76,7 @@ struct thread_pool_options {
   std::string name = "ferry";
   // Receives exceptions thrown by fire-and-forget tasks (asio::post, execute, post_bulk),
   // on the worker that ran the task. Empty: count them and report the first on stderr.
-  std::function<void(std::exception_ptr)> on_task_exception;
+  std::function<void(std::exception_ptr)> on_task_exception{};
 
   static std::size_t default_thread_count() noexcept;
 };
@@ -297,11 +297,13 @@ struct pool_access {
   // RAII: the calling worker is held by a long-running producer (see pool_hold_worker).
   class held_worker {
   public:
-    explicit held_worker(thread_pool& pool) noexcept
-        : core_(pool_hold_worker(*pool.core_) ? pool.core_.get() : nullptr) {}
-    ~held_worker() {
-      if (core_) pool_release_worker(*core_);
+    // A null pool holds nothing.
+    explicit held_worker(thread_pool* pool) noexcept
+        : core_(pool && pool_hold_worker(*pool->core_) ? pool->core_.get() : nullptr) {}
+    void release() noexcept {
+      if (core_) pool_release_worker(*std::exchange(core_, nullptr));
     }
+    ~held_worker() { release(); }
     held_worker(const held_worker&) = delete;
     held_worker& operator=(const held_worker&) = delete;
 

@@ -117,7 +117,7 @@ struct iterator_options {
   // How long a producer facing a full channel spins before it parks.
   std::chrono::nanoseconds producer_spin = std::chrono::microseconds(50);
   // The _separate forms name their thread this (default: the call site, "file:line").
-  std::string name;
+  std::string name{};
 };
 
 struct iterator_stats {
@@ -429,8 +429,7 @@ public:
 
   // --- producer side ---------------------------------------------------------------------
   void run(thread_pool* pool) noexcept {
-    std::optional<pool_access::held_worker> hold;
-    if (pool) hold.emplace(*pool);
+    pool_access::held_worker hold(pool);
     std::exception_ptr failure;
     {
       context_frame frame{std::move(snapshot_)};
@@ -446,7 +445,7 @@ public:
       }
       producer_.reset();  // the producer's own cleanup, on its thread
     }
-    hold.reset();
+    hold.release();
     channel.close(std::move(failure));
     mark_finished();
   }
@@ -779,9 +778,10 @@ auto iterator_wrapper(P&& producer, PoolOrExecutor&& pool_or_executor, std::size
                                   fn_type(std::forward<P>(producer)));
 }
 
-// One iterator over `producer()` run on a thread of its own.
+// One iterator over `producer()` run on a thread of its own, named `name` (default: the
+// call site, "file:line").
 template <class T = detail::deduce_element, class P>
-auto iterator_wrapper_separate(P&& producer, std::size_t max_size = 64,
+auto iterator_wrapper_separate(P&& producer, std::size_t max_size = 64, std::string name = {},
                                std::source_location where = std::source_location::current()) {
   using fn_type = std::decay_t<P>;
   using E = typename detail::element_of<T, fn_type>::type;
@@ -789,7 +789,7 @@ auto iterator_wrapper_separate(P&& producer, std::size_t max_size = 64,
   opts.max_size = max_size;
   detail::launch_spec l;
   l.where = detail::launch_spec::kind::separate;
-  l.name = detail::call_site_name(where);
+  l.name = name.empty() ? detail::call_site_name(where) : std::move(name);
   return detail::make_iterator<E>(opts, std::move(l), fn_type(std::forward<P>(producer)));
 }
 
