@@ -552,7 +552,17 @@ public:
     if (s.consumer_closed()) co_return item;
     for (;;) {
       if (s.channel.try_pop(item)) co_return item;
-      const bool more = co_await wait_for_items(s);
+      bool more = false;
+      bool aborted = false;
+      try {
+        more = co_await wait_for_items(s);
+      } catch (const std::system_error& e) {
+        // Asio's own check reports a cancellation that arrives while the consumer still
+        // yields to its loop as a plain system_error: give it the documented type.
+        if (e.code() != asio::error::operation_aborted || dynamic_cast<const error*>(&e)) throw;
+        aborted = true;
+      }
+      if (aborted) throw_cancelled();
       if (!more) co_return item;
     }
   }
@@ -567,7 +577,15 @@ public:
     if (s.consumer_closed()) co_return items;
     for (;;) {
       if (s.channel.try_pop_batch(items, max_items) != 0) co_return items;
-      const bool more = co_await wait_for_items(s);
+      bool more = false;
+      bool aborted = false;
+      try {
+        more = co_await wait_for_items(s);
+      } catch (const std::system_error& e) {
+        if (e.code() != asio::error::operation_aborted || dynamic_cast<const error*>(&e)) throw;
+        aborted = true;
+      }
+      if (aborted) throw_cancelled();
       if (!more) co_return items;
     }
   }
@@ -610,6 +628,11 @@ private:
     return *state_;
   }
 
+  [[noreturn]] static void throw_cancelled() {
+    throw error(make_error_code(asio::error::operation_aborted),
+                "threaded_iterator::next: cancelled");
+  }
+
   // True once an item can be popped; false at the end (rethrowing the producer's error).
   asio::awaitable<bool> wait_for_items(detail::iterator_state<T>& s) {
     asio::any_io_executor ex = co_await asio::this_coro::executor;
@@ -637,7 +660,8 @@ private:
       std::tuple<std::error_code> r = co_await std::move(wait);
       if (std::get<0>(r)) {
         note_wait(s, t0);
-        throw error(std::get<0>(r), "threaded_iterator::next: cancelled");
+        if (std::get<0>(r) == asio::error::operation_aborted) throw_cancelled();
+        throw error(std::get<0>(r), "threaded_iterator::next: wait failed");
       }
     }
     note_wait(s, t0);

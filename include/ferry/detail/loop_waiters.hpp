@@ -227,28 +227,24 @@ private:
     service_->remove_pending(this);
     if (slot_.is_connected()) slot_.clear();
     if (timer_) timer_->cancel();
-    if (inline_ok) {
-      dispatch_result(ec);
+    complete(ec, inline_ok);
+  }
+
+  // Hands ec to the handler on its executor: posted from initiation and cancellation,
+  // dispatched from the delivery (which already runs on the loop).
+  void complete(std::error_code ec, bool may_run_inline) {
+    Handler h(std::move(*handler_));
+    handler_.reset();
+    work_executor work(std::move(work_));
+    release();
+    auto call = [h = std::move(h), ec]() mutable { std::move(h)(ec); };
+    if (may_run_inline) {
+      asio::dispatch(work, std::move(call));
     } else {
-      post_result(ec);
+      asio::post(work, std::move(call));
     }
   }
-
-  void post_result(std::error_code ec) {
-    Handler h(std::move(*handler_));
-    handler_.reset();
-    work_executor work(std::move(work_));
-    release();
-    asio::post(work, [h = std::move(h), ec]() mutable { std::move(h)(ec); });
-  }
-
-  void dispatch_result(std::error_code ec) {
-    Handler h(std::move(*handler_));
-    handler_.reset();
-    work_executor work(std::move(work_));
-    release();
-    asio::dispatch(work, [h = std::move(h), ec]() mutable { std::move(h)(ec); });
-  }
+  void post_result(std::error_code ec) { complete(ec, false); }
 
   static void do_schedule(wait_node* n) noexcept {
     auto* op = static_cast<wait_op*>(n);
