@@ -1409,8 +1409,8 @@ void print_summary(const ferry_bench::result_store& r, const config& cfg, double
         "mutex+cv: bounded ring under a mutex, producer waits on a cv, consumer "
         "suspends and is asio::post'ed");
     t.add_note(
-        "placement left to the scheduler: when it puts both threads on one CPU, "
-        "ferry's figures drop up to ~100x (T4, T5)");
+        "placement left to the scheduler; T4 and T5 pin both threads to one CPU / "
+        "to two CPUs");
     t.add_row(fnext.label, {r.items_per_second(tput_name(fnext, cap))});
     t.add_row(ftc.label, {r.items_per_second(tput_name(ftc, cap))});
     if (!goal_capacity(cap)) {

@@ -71,6 +71,8 @@
 //    channel is empty it yields to its loop for up to options.consumer_spin (default 20 µs,
 //    other handlers keep running) before it suspends, and a full producer spins for
 //    options.producer_spin before it parks — both below the ~50 µs a thread wake-up costs.
+//    The consumer's spin adapts: spins that end in a park shrink it to nothing (a producer
+//    sharing the consumer's core, or a slow one), spins that find items grow it back.
 #pragma once
 
 #include <ferry/context.hpp>
@@ -90,6 +92,7 @@
 #include <asio/this_coro.hpp>
 #include <asio/use_awaitable.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstddef>
@@ -102,6 +105,7 @@
 #include <source_location>
 #include <stop_token>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -339,6 +343,7 @@ public:
                  std::unique_ptr<producer_base<T>> producer)
       : channel(opts.max_size, opts.producer_spin),
         consumer_spin(opts.consumer_spin),
+        spin_budget_(opts.consumer_spin),
         launch_(std::move(launch)),
         producer_(std::move(producer)) {}
 
@@ -346,6 +351,22 @@ public:
   loop_waiters done_waiters;
   const std::chrono::nanoseconds consumer_spin;
   std::atomic<std::uint64_t> consumer_wait_ns{0};
+
+  // Adaptive consumer spin (consumer side only). A spin that ends in a park halves the
+  // budget, one that finds an item doubles it back towards consumer_spin. When the producer
+  // shares the consumer's core, or is simply slow, spinning only burns the time the producer
+  // needs, so the budget falls to zero; every 64th wait probes with the full budget again.
+  std::chrono::nanoseconds next_spin_budget() noexcept {
+    if (spin_budget_.count() == 0 && ++spin_probe_ % 64 == 0) return consumer_spin;
+    return spin_budget_;
+  }
+  void spin_failed() noexcept {
+    spin_budget_ /= 2;
+    if (spin_budget_ < std::chrono::microseconds(1)) spin_budget_ = std::chrono::nanoseconds(0);
+  }
+  void spin_succeeded() noexcept {
+    spin_budget_ = std::min(consumer_spin, spin_budget_ * 2 + std::chrono::microseconds(1));
+  }
 
   // --- consumer side (the iterator's owner; one at a time) ---------------------------------
   bool started() const noexcept { return phase_ != phase::idle; }
@@ -509,6 +530,8 @@ private:
 
   phase phase_ = phase::idle;     // consumer side only
   bool consumer_closed_ = false;  // consumer side only
+  std::chrono::nanoseconds spin_budget_;  // consumer side only
+  unsigned spin_probe_ = 0;               // consumer side only
   std::shared_ptr<producer_registry> registry_;  // set before launch
   std::uint64_t registry_id_ = 0;
   launch_spec launch_;
@@ -638,9 +661,10 @@ private:
     asio::any_io_executor ex = co_await asio::this_coro::executor;
     if (!s.started()) s.start(ex);
     const auto t0 = std::chrono::steady_clock::now();
-    const auto spin_until = t0 + s.consumer_spin;
+    const auto spin_until = t0 + s.next_spin_budget();
+    bool spun = false;
     detail::channel_core<T>* c = &s.channel;
-    for (;;) {
+    for (unsigned round = 1;; ++round) {
       if (c->has_item()) break;
       if (c->drained()) {
         note_wait(s, t0);
@@ -648,10 +672,15 @@ private:
         co_return false;
       }
       if (!s.finished() && std::chrono::steady_clock::now() < spin_until) {
-        // Yield to the loop (its other handlers run) and look again.
+        // Yield to the loop (its other handlers run) and look again; now and then give the
+        // CPU away too, in case the producer waits for this very core.
+        if (round % 8 == 0) std::this_thread::yield();
+        spun = true;
         co_await asio::post(ex, asio::use_awaitable);
         continue;
       }
+      if (spun) s.spin_failed();
+      spun = false;
       // Built in its own statement: no temporary with a destructor may live across the
       // suspension (g++ 12 destroys such temporaries wrongly).
       auto wait = detail::async_wait_until(
@@ -664,6 +693,7 @@ private:
         throw error(std::get<0>(r), "threaded_iterator::next: wait failed");
       }
     }
+    if (spun) s.spin_succeeded();
     note_wait(s, t0);
     co_return true;
   }
