@@ -39,6 +39,6 @@ ferry_ensure_packages() {
 }
 
 ferry_build_tools=(cmake ninja-build g++ make)
-ferry_library_packages=(libasio-dev libconcurrentqueue-dev librange-v3-dev)
+ferry_library_packages=(libasio-dev libconcurrentqueue-dev librange-v3-dev nlohmann-json3-dev)
 ferry_test_packages=(libboost-test-dev)
 ferry_bench_packages=(libbenchmark-dev libtbb-dev)

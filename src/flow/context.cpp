@@ -27,6 +27,17 @@ public:
       case errc::context_closed: return "context closed";
       case errc::invalid_name: return "invalid resource name";
       case errc::null_resource: return "null resource";
+      case errc::unknown_definition: return "unknown definition";
+      case errc::type_mismatch: return "type mismatch";
+      case errc::duplicate_instance: return "duplicate operation instance";
+      case errc::unfilled_input: return "input nothing can fill";
+      case errc::unknown_instance: return "unknown operation instance or port";
+      case errc::not_implemented: return "operation not implemented";
+      case errc::invalid_input: return "invalid input value";
+      case errc::operation_failed: return "operation failed";
+      case errc::output_missing: return "output missing";
+      case errc::invalid_description: return "invalid flow description";
+      case errc::duplicate_output: return "duplicate output key";
     }
     return "unknown ferry.flow error";
   }

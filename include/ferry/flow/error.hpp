@@ -10,6 +10,7 @@
 #include <ferry/error.hpp>
 
 #include <exception>
+#include <memory>
 #include <string>
 #include <system_error>
 #include <typeinfo>
@@ -24,6 +25,18 @@ enum class errc {
   context_closed,         // the context is closed (or closing, for operations refused then)
   invalid_name,           // a resource name that is not a non-empty [A-Za-z0-9_]+ identifier
   null_resource,          // an empty value (null pointer) offered or produced as a resource
+  // operations and the orchestrator
+  unknown_definition,     // a name no definition of the flow carries
+  type_mismatch,          // one definition name with two types, or a value of another type
+  duplicate_instance,     // two operation instances with one name in a flow
+  unfilled_input,         // strict: an input port nothing produces, seeds or defaults
+  unknown_instance,       // wiring or a source naming an instance (or port) the flow lacks
+  not_implemented,        // an operation built without implement()
+  invalid_input,          // a definition's validator refused a value
+  operation_failed,       // an operation instance failed (see operation_error)
+  output_missing,         // an output spec found no (or too many) values in a context
+  invalid_description,    // a JSON flow description that cannot be loaded
+  duplicate_output,       // two output specs of a flow with one result key
 };
 
 const std::error_category& error_category() noexcept;
@@ -70,6 +83,25 @@ public:
 
 private:
   std::vector<std::exception_ptr> exceptions_;
+};
+
+class input;
+
+// An operation instance failed in a run context: which one, on which inputs, and why.
+class operation_error : public ferry::error {
+public:
+  operation_error(std::string instance, std::string context,
+                  std::vector<std::shared_ptr<const input>> inputs, std::exception_ptr cause);
+  const std::string& instance() const noexcept { return instance_; }
+  const std::string& context_name() const noexcept { return context_; }
+  const std::vector<std::shared_ptr<const input>>& inputs() const noexcept { return inputs_; }
+  const std::exception_ptr& cause() const noexcept { return cause_; }
+
+private:
+  std::string instance_;
+  std::string context_;
+  std::vector<std::shared_ptr<const input>> inputs_;
+  std::exception_ptr cause_;
 };
 
 }  // namespace ferry::flow
