@@ -41,4 +41,6 @@ ferry_ensure_packages() {
 ferry_build_tools=(cmake ninja-build g++ make)
 ferry_library_packages=(libasio-dev libconcurrentqueue-dev librange-v3-dev nlohmann-json3-dev)
 ferry_test_packages=(libboost-test-dev)
+ferry_fuzz_packages=(clang libclang-rt-14-dev)
 ferry_bench_packages=(libbenchmark-dev libtbb-dev)
+ferry_example_packages=(libssl-dev)

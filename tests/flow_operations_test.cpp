@@ -1064,3 +1064,26 @@ FERRY_TEST_CASE(a_failing_enter_fails_the_contexts_and_names_the_instance) {
     BOOST_TEST(contains(message_of(r.error), "no session"));
   }
 }
+
+FERRY_TEST_CASE(the_scope_closing_with_an_exception_passes_it_to_exit) {
+  struct watcher {
+    std::shared_ptr<std::string> seen;
+    void exit(std::exception_ptr e) { *seen = e ? message_of(e) : "null"; }
+    int operator()(int x) const { return x; }
+  };
+  auto seen = std::make_shared<std::string>();
+  fl::definition<int> v{"v"}, w{"w"};
+  auto op = fl::make_operation("watch").inputs(v).outputs(w).implement(watcher{seen});
+  fl::dataflow f{{op}, {}, {.seeds = {v}}};
+  asio::io_context io;
+  fl::context scope{io};
+  fl::orchestrator orch{scope};
+  auto body = [&]() -> asio::awaitable<void> {
+    auto r = orch.run(f, {fl::input_set{"i", {fl::seed(v, 1)}}});
+    co_await std::move(r);
+    auto sc = scope.close(std::make_exception_ptr(std::runtime_error("request failed")));
+    co_await std::move(sc);
+  };
+  run(io, body);
+  BOOST_TEST(*seen == "request failed");
+}

@@ -906,8 +906,9 @@ context_result finish_context(context_state& c) {
 // --- orchestrator --------------------------------------------------------------------------
 
 namespace detail {
-asio::awaitable<void> close_orchestrator(std::shared_ptr<orchestrator_impl> impl);
-asio::awaitable<void> close_if_alive(std::weak_ptr<orchestrator_impl> weak);
+asio::awaitable<void> close_orchestrator(std::shared_ptr<orchestrator_impl> impl,
+                                         std::exception_ptr why);
+asio::awaitable<void> close_if_alive(std::weak_ptr<orchestrator_impl> weak, std::exception_ptr why);
 }  // namespace detail
 
 orchestrator::orchestrator(flow::context scope, orchestrator_options options) {
@@ -918,7 +919,9 @@ orchestrator::orchestrator(flow::context scope, orchestrator_options options) {
   impl_ = std::make_shared<detail::orchestrator_impl>(std::move(scope), std::move(options));
   // If the scope closes first, it closes the orchestrator (exits its implementations).
   std::weak_ptr<detail::orchestrator_impl> weak = impl_;
-  impl_->scope.add_teardown_callback([weak] { return detail::close_if_alive(weak); });
+  impl_->scope.add_teardown_callback(
+      [weak](std::exception_ptr why) { return detail::close_if_alive(weak, std::move(why)); },
+      pass_exception);
 }
 
 orchestrator::~orchestrator() {
@@ -1014,10 +1017,11 @@ asio::awaitable<results> orchestrator::run_one(const dataflow& f, input_set set)
   co_return std::move(r.front().results);
 }
 
-asio::awaitable<void> orchestrator::close() { return detail::close_orchestrator(impl_); }
+asio::awaitable<void> orchestrator::close() { return detail::close_orchestrator(impl_, nullptr); }
 
 namespace detail {
-asio::awaitable<void> close_orchestrator(std::shared_ptr<orchestrator_impl> impl) {
+asio::awaitable<void> close_orchestrator(std::shared_ptr<orchestrator_impl> impl,
+                                         std::exception_ptr why) {
   orchestrator_impl& o = *impl;
   if (o.closing) {
     while (!o.closed) {
@@ -1040,7 +1044,7 @@ asio::awaitable<void> close_orchestrator(std::shared_ptr<orchestrator_impl> impl
     detail::implementation_base* impl_obj = o.entered.back();
     o.entered.pop_back();
     try {
-      auto e = impl_obj->exit(nullptr);
+      auto e = impl_obj->exit(why);
       co_await std::move(e);
     } catch (...) {
       errors.push_back(std::current_exception());
@@ -1052,10 +1056,10 @@ asio::awaitable<void> close_orchestrator(std::shared_ptr<orchestrator_impl> impl
   if (!errors.empty()) throw teardown_error(std::move(errors));
 }
 
-asio::awaitable<void> close_if_alive(std::weak_ptr<orchestrator_impl> weak) {
+asio::awaitable<void> close_if_alive(std::weak_ptr<orchestrator_impl> weak, std::exception_ptr why) {
   if (auto impl = weak.lock()) {
     if (!impl->closing) {
-      auto c = close_orchestrator(std::move(impl));
+      auto c = close_orchestrator(std::move(impl), std::move(why));
       co_await std::move(c);
     }
   }

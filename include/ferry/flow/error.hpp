@@ -13,6 +13,7 @@
 #include <memory>
 #include <string>
 #include <system_error>
+#include <typeindex>
 #include <typeinfo>
 #include <vector>
 
@@ -47,6 +48,7 @@ inline std::error_code make_error_code(errc e) noexcept {
 
 // The readable (demangled) name of a type, for messages.
 std::string type_name(const std::type_info& t);
+std::string type_name(std::type_index t);
 
 class resource_conflict : public ferry::error {
 public:

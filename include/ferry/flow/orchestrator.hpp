@@ -51,9 +51,10 @@
 //  * Descriptions (O15): load_flow(json, registry) builds a flow from JSON with operations
 //    looked up by name in a registry; any defect is a flow::error naming it (fuzzed).
 //  * The orchestrator belongs to its scope's executor, like flow::context: run it on an
-//    io_context run by one thread, or a strand. Implementations are entered before an
-//    instance's first run and exited by close() (or when the scope closes), newest first;
-//    close() first cancels the contexts still running and waits for them.
+//    io_context run by one thread, or a strand. Implementations are entered before a flow's
+//    first context starts and exited by close() (exit(nullptr)) or when the scope closes
+//    (exit gets the exception the scope closes with), newest first; closing first cancels
+//    the contexts still running and waits for them.
 #pragma once
 
 #include <ferry/flow/context.hpp>

@@ -1,0 +1,82 @@
+// ferry::flow's error category, type names and teardown_error (include/ferry/flow/error.hpp).
+// Kept apart from the context machinery so that small tools (the fuzz target) can link it.
+#include <ferry/flow/error.hpp>
+
+#include <cstdlib>
+#include <cxxabi.h>
+#include <exception>
+#include <memory>
+#include <string>
+#include <typeindex>
+#include <typeinfo>
+#include <vector>
+
+namespace ferry::flow {
+
+// --- errors ----------------------------------------------------------------------------------
+namespace {
+class flow_category final : public std::error_category {
+public:
+  const char* name() const noexcept override { return "ferry.flow"; }
+  std::string message(int value) const override {
+    switch (static_cast<errc>(value)) {
+      case errc::resource_conflict: return "resource conflict";
+      case errc::resource_not_found: return "resource not found";
+      case errc::teardown_failed: return "teardown callbacks failed";
+      case errc::context_closed: return "context closed";
+      case errc::invalid_name: return "invalid resource name";
+      case errc::null_resource: return "null resource";
+      case errc::unknown_definition: return "unknown definition";
+      case errc::type_mismatch: return "type mismatch";
+      case errc::duplicate_instance: return "duplicate operation instance";
+      case errc::unfilled_input: return "input nothing can fill";
+      case errc::unknown_instance: return "unknown operation instance or port";
+      case errc::not_implemented: return "operation not implemented";
+      case errc::invalid_input: return "invalid input value";
+      case errc::operation_failed: return "operation failed";
+      case errc::output_missing: return "output missing";
+      case errc::invalid_description: return "invalid flow description";
+      case errc::duplicate_output: return "duplicate output key";
+    }
+    return "unknown ferry.flow error";
+  }
+};
+
+std::string teardown_message(const std::vector<std::exception_ptr>& errors) {
+  std::string msg = std::to_string(errors.size()) + " teardown callback(s) failed:";
+  for (const auto& e : errors) {
+    try {
+      std::rethrow_exception(e);
+    } catch (const std::exception& x) {
+      msg += std::string(" [") + x.what() + "]";
+    } catch (...) {
+      msg += " [unknown exception]";
+    }
+  }
+  return msg;
+}
+}  // namespace
+
+const std::error_category& error_category() noexcept {
+  static const flow_category category;
+  return category;
+}
+
+namespace {
+std::string demangle(const char* mangled) {
+  int status = 0;
+  char* demangled = abi::__cxa_demangle(mangled, nullptr, nullptr, &status);
+  std::string out = status == 0 && demangled ? demangled : mangled;
+  std::free(demangled);  // NOLINT: allocated by the ABI with malloc
+  return out;
+}
+}  // namespace
+
+std::string type_name(const std::type_info& t) { return demangle(t.name()); }
+std::string type_name(std::type_index t) { return demangle(t.name()); }
+
+teardown_error::teardown_error(std::vector<std::exception_ptr> exceptions)
+    : ferry::error(make_error_code(errc::teardown_failed), teardown_message(exceptions)),
+      exceptions_(std::move(exceptions)) {}
+
+}  // namespace ferry::flow
