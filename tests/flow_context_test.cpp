@@ -1,5 +1,5 @@
 #define BOOST_TEST_MODULE ferry_flow_context
-#include "test_support.hpp"
+#include "coro_test_support.hpp"
 
 #include <ferry/flow/context.hpp>
 
@@ -84,23 +84,12 @@ using flow_test::gadget;
 using flow_test::sql_database;
 using flow_test::widget;
 
-namespace {
+using ferry_test::contains;
+using ferry_test::error_of;
+using ferry_test::message_of;
+using ferry_test::run;
 
-// Runs `body()` on `io` until the loop runs out of work; rethrows its failure here, on the
-// main thread. `body` is an lvalue: the lambda outlives the coroutine it starts.
-template <class Body>
-void run(asio::io_context& io, Body& body) {
-  std::exception_ptr failure;
-  bool finished = false;
-  asio::co_spawn(io, body(), [&](std::exception_ptr e) {
-    failure = e;
-    finished = true;
-  });
-  io.run();
-  io.restart();
-  BOOST_REQUIRE(finished);
-  if (failure) std::rethrow_exception(failure);
-}
+namespace {
 
 // The outcome of a coroutine started with `start`; checked after io.run().
 struct outcome {
@@ -121,39 +110,16 @@ void check(const outcome& out) {
   if (out.failure) std::rethrow_exception(out.failure);
 }
 
-// The error code a synchronous call throws (a default-constructed code if it does not).
-template <class F>
-std::error_code error_of(F&& f) {
-  try {
-    std::forward<F>(f)();
-  } catch (const std::system_error& e) {
-    return e.code();
-  }
-  return {};
-}
-
 std::error_code code(flow::errc e) {
   return flow::make_error_code(e);
 }
 
-std::string message_of(const std::exception_ptr& e) {
-  try {
-    std::rethrow_exception(e);
-  } catch (const std::exception& x) {
-    return x.what();
-  } catch (...) {
-    return "<not a std::exception>";
-  }
-}
 
 // A duration in whole milliseconds (printable in a failed assertion).
 long long ms(steady::duration d) {
   return static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(d).count());
 }
 
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
 
 asio::awaitable<void> delay(std::chrono::milliseconds d) {
   asio::any_io_executor ex = co_await asio::this_coro::executor;
