@@ -37,6 +37,7 @@
 // benchmark run takes longer than a generous limit; every pool is stopped and joined by its
 // destructor, every thread joined.
 #include "bench_report.hpp"
+#include "bench_watchdog.hpp"
 
 #include <ferry/co_spawn.hpp>
 #include <ferry/context.hpp>
@@ -92,61 +93,7 @@ std::int64_t ns_between(steady::time_point t0, steady::time_point t1) noexcept {
 // Ends the program, naming the benchmark, when one run exceeds its limit: an await that
 // never completes (a lost completion, a pool that never runs the call) must not hang the
 // tour. Sleeps on a condition variable until the armed deadline, so it adds no wake-ups.
-class watchdog {
-public:
-  watchdog() : thread_([this] { watch(); }) {}
-  ~watchdog() {
-    {
-      std::lock_guard lock(mu_);
-      quit_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
-  watchdog(const watchdog&) = delete;
-  watchdog& operator=(const watchdog&) = delete;
-
-  void arm(std::string what, std::chrono::seconds limit) {
-    {
-      std::lock_guard lock(mu_);
-      what_ = std::move(what);
-      deadline_ = steady::now() + limit;
-      armed_ = true;
-    }
-    cv_.notify_all();
-  }
-  void disarm() {
-    std::lock_guard lock(mu_);
-    armed_ = false;
-  }
-
-private:
-  void watch() {
-    std::unique_lock lock(mu_);
-    while (!quit_) {
-      if (!armed_) {
-        cv_.wait(lock);
-        continue;
-      }
-      if (steady::now() >= deadline_) {
-        std::fflush(stdout);
-        std::fprintf(stderr, "bench_threaded: %s did not finish within its time limit; "
-                             "exiting instead of hanging\n",
-                     what_.c_str());
-        std::_Exit(3);
-      }
-      cv_.wait_until(lock, deadline_);
-    }
-  }
-
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool quit_ = false;
-  bool armed_ = false;
-  std::string what_;
-  steady::time_point deadline_{};
-  std::thread thread_;  // last: starts after the members it reads
-};
+using ferry_bench::watchdog;
 
 watchdog* g_watchdog = nullptr;
 constexpr std::chrono::seconds run_limit{120};
@@ -1094,7 +1041,7 @@ int main(int argc, char** argv) {
   benchmark::Initialize(&cmd.argc, cmd.argv.data());
   if (benchmark::ReportUnrecognizedArguments(cmd.argc, cmd.argv.data())) return 1;
 
-  watchdog dog;
+  watchdog dog{"bench_threaded"};
   g_watchdog = &dog;
   register_all(cfg);
   {

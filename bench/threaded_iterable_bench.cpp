@@ -65,6 +65,7 @@
 // benchmark run takes longer than a generous limit; every producer thread is closed and
 // joined on every path.
 #include "bench_report.hpp"
+#include "bench_watchdog.hpp"
 
 #include <ferry/from_thread_channel.hpp>
 #include <ferry/thread_pool.hpp>
@@ -132,62 +133,7 @@ std::int64_t ns_between(steady::time_point t0, steady::time_point t1) noexcept {
 
 // Ends the program, naming the benchmark, when one run exceeds its limit (a lost wake-up
 // must not hang the run). Sleeps on a condition variable until the armed deadline.
-class watchdog {
-public:
-  watchdog() : thread_([this] { watch(); }) {}
-  ~watchdog() {
-    {
-      std::lock_guard lock(mu_);
-      quit_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
-  watchdog(const watchdog&) = delete;
-  watchdog& operator=(const watchdog&) = delete;
-
-  void arm(std::string what, std::chrono::seconds limit) {
-    {
-      std::lock_guard lock(mu_);
-      what_ = std::move(what);
-      deadline_ = steady::now() + limit;
-      armed_ = true;
-    }
-    cv_.notify_all();
-  }
-  void disarm() {
-    std::lock_guard lock(mu_);
-    armed_ = false;
-  }
-
-private:
-  void watch() {
-    std::unique_lock lock(mu_);
-    while (!quit_) {
-      if (!armed_) {
-        cv_.wait(lock);
-        continue;
-      }
-      if (steady::now() >= deadline_) {
-        std::fflush(stdout);
-        std::fprintf(stderr,
-                     "bench_threaded_iterable: %s did not finish within its time limit; "
-                     "exiting instead of hanging\n",
-                     what_.c_str());
-        std::_Exit(3);
-      }
-      cv_.wait_until(lock, deadline_);
-    }
-  }
-
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool quit_ = false;
-  bool armed_ = false;
-  std::string what_;
-  steady::time_point deadline_{};
-  std::thread thread_;  // last: starts after the members it reads
-};
+using ferry_bench::watchdog;
 
 watchdog* g_watchdog = nullptr;
 constexpr std::chrono::seconds run_limit{120};
@@ -1643,7 +1589,7 @@ int main(int argc, char** argv) {
   g_cap1_defect = probe_cap1_defect();
   if (!g_cap1_defect.empty())
     std::fprintf(stderr, "bench_threaded_iterable: %s\n", g_cap1_defect.c_str());
-  watchdog dog;
+  watchdog dog{"bench_threaded_iterable"};
   g_watchdog = &dog;
   register_all(cfg);
   {

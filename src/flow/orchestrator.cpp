@@ -565,6 +565,7 @@ struct context_state : std::enable_shared_from_this<context_state> {
 
   // Every combination of candidates (with `fixed` on port `fixed_port`, when given).
   void enumerate(std::size_t inst, std::size_t fixed_port, const input_ptr& fixed) {
+    if (stopping || !conditions_hold(inst)) return;  // nothing could be scheduled
     const std::size_t n = f.instances[inst].sources.size();
     std::vector<std::vector<input_ptr>> cands(n);
     for (std::size_t p = 0; p < n; ++p) {
@@ -880,7 +881,7 @@ context_result finish_context(context_state& c) {
   r.id = c.id;
   r.name = c.name;
   r.errors = std::move(c.errors);
-  r.inputs = c.all;
+  r.inputs = std::move(c.all);
   r.error = c.failure;
   if (!r.error) {
     context_view view{c.name, [&c](const std::string& d) -> const std::vector<input_ptr>& {
@@ -897,7 +898,7 @@ context_result finish_context(context_state& c) {
   }
   // Break the cycles through run closures.
   c.by_def.clear();
-  c.all.clear();
+  c.all.clear();  // moved from; cleared to a known state
   return r;
 }
 
