@@ -1164,13 +1164,15 @@ operation make_subflow(std::string name, dataflow child, std::vector<any_definit
 
 result_stream& result_stream::operator=(result_stream&& other) noexcept {
   if (this != &other) {
-    this->~result_stream();
-    new (this) result_stream(std::move(other));
+    cancel_pending();
+    state_ = std::move(other.state_);
   }
   return *this;
 }
 
-result_stream::~result_stream() {
+result_stream::~result_stream() { cancel_pending(); }
+
+void result_stream::cancel_pending() noexcept {
   if (state_ && state_->pending != 0) {
     for (auto& sig : state_->cancels) sig->emit(asio::cancellation_type::terminal);
   }

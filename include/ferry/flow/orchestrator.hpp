@@ -366,12 +366,15 @@ public:
   explicit result_stream(std::shared_ptr<detail::stream_state> s) noexcept : state_(std::move(s)) {}
   result_stream(result_stream&&) noexcept = default;
   result_stream& operator=(result_stream&&) noexcept;
-  ~result_stream();  // cancels the contexts still running; their results are dropped
+  // Cancels the contexts still running (their results are dropped). Destroy it on the
+  // orchestrator's executor, like every other use.
+  ~result_stream();
 
   // The next context to complete; nullopt once every context has been returned.
   asio::awaitable<std::optional<context_result>> next();
 
 private:
+  void cancel_pending() noexcept;
   std::shared_ptr<detail::stream_state> state_;
 };
 
