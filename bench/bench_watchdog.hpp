@@ -1,6 +1,7 @@
 // Nothing may hang a benchmark run: a watchdog thread ends the program, naming the stuck
 // benchmark, when an armed run exceeds its limit. It sleeps on a condition variable until
-// the armed deadline, so it adds no wake-ups to what is measured.
+// the armed deadline, so it adds no wake-ups to what is measured. main() owns one watchdog;
+// each benchmark body holds a guarded_run for its duration.
 #pragma once
 
 #include <chrono>
@@ -16,8 +17,11 @@ namespace ferry_bench {
 
 class watchdog {
 public:
-  explicit watchdog(std::string program) : program_(std::move(program)), thread_([this] { watch(); }) {}
+  explicit watchdog(std::string program) : program_(std::move(program)), thread_([this] { watch(); }) {
+    current() = this;
+  }
   ~watchdog() {
+    current() = nullptr;
     {
       std::lock_guard lock(mu_);
       quit_ = true;
@@ -40,6 +44,12 @@ public:
   void disarm() {
     std::lock_guard lock(mu_);
     armed_ = false;
+  }
+
+  // The program's watchdog, while one exists.
+  static watchdog*& current() {
+    static watchdog* active = nullptr;
+    return active;
   }
 
 private:
@@ -68,6 +78,19 @@ private:
   std::string what_;
   std::chrono::steady_clock::time_point deadline_{};
   std::thread thread_;  // last: starts after the members it reads
+};
+
+// Arms the program's watchdog (if any) for one benchmark run.
+class guarded_run {
+public:
+  explicit guarded_run(std::string name, std::chrono::seconds limit = std::chrono::seconds(120)) {
+    if (watchdog* w = watchdog::current()) w->arm(std::move(name), limit);
+  }
+  ~guarded_run() {
+    if (watchdog* w = watchdog::current()) w->disarm();
+  }
+  guarded_run(const guarded_run&) = delete;
+  guarded_run& operator=(const guarded_run&) = delete;
 };
 
 }  // namespace ferry_bench

@@ -84,22 +84,8 @@ using steady = std::chrono::steady_clock;
 // Ends the program, naming the benchmark, when one run exceeds its limit: a context that
 // never completes must not hang the tour. Sleeps on a condition variable until the armed
 // deadline, so it adds no wake-ups.
+using ferry_bench::guarded_run;
 using ferry_bench::watchdog;
-
-watchdog* g_watchdog = nullptr;
-constexpr std::chrono::seconds run_limit{120};
-
-class guarded_run {
-public:
-  explicit guarded_run(std::string name) {
-    if (g_watchdog) g_watchdog->arm(std::move(name), run_limit);
-  }
-  ~guarded_run() {
-    if (g_watchdog) g_watchdog->disarm();
-  }
-  guarded_run(const guarded_run&) = delete;
-  guarded_run& operator=(const guarded_run&) = delete;
-};
 
 std::string describe(const std::exception_ptr& e) {
   try {
@@ -648,7 +634,6 @@ int main(int argc, char** argv) {
   if (benchmark::ReportUnrecognizedArguments(cmd.argc, cmd.argv.data())) return 1;
 
   watchdog dog{"bench_flow"};
-  g_watchdog = &dog;
   register_all(cfg);
   {
     ferry_bench::collecting_reporter reporter;
@@ -656,6 +641,5 @@ int main(int argc, char** argv) {
     print_summary(reporter.results(), cfg);
   }
   benchmark::Shutdown();
-  g_watchdog = nullptr;
   return 0;
 }

@@ -93,23 +93,8 @@ std::int64_t ns_between(steady::time_point t0, steady::time_point t1) noexcept {
 // Ends the program, naming the benchmark, when one run exceeds its limit: an await that
 // never completes (a lost completion, a pool that never runs the call) must not hang the
 // tour. Sleeps on a condition variable until the armed deadline, so it adds no wake-ups.
+using ferry_bench::guarded_run;
 using ferry_bench::watchdog;
-
-watchdog* g_watchdog = nullptr;
-constexpr std::chrono::seconds run_limit{120};
-
-// Arms the watchdog for one benchmark run.
-class guarded_run {
-public:
-  explicit guarded_run(std::string name) {
-    if (g_watchdog) g_watchdog->arm(std::move(name), run_limit);
-  }
-  ~guarded_run() {
-    if (g_watchdog) g_watchdog->disarm();
-  }
-  guarded_run(const guarded_run&) = delete;
-  guarded_run& operator=(const guarded_run&) = delete;
-};
 
 double percentile(const std::vector<std::int64_t>& sorted, double p) {
   if (sorted.empty()) return 0;
@@ -1042,7 +1027,6 @@ int main(int argc, char** argv) {
   if (benchmark::ReportUnrecognizedArguments(cmd.argc, cmd.argv.data())) return 1;
 
   watchdog dog{"bench_threaded"};
-  g_watchdog = &dog;
   register_all(cfg);
   {
     ferry_bench::collecting_reporter reporter;
@@ -1050,6 +1034,5 @@ int main(int argc, char** argv) {
     print_summary(reporter.results(), cfg);
   }
   benchmark::Shutdown();
-  g_watchdog = nullptr;
   return 0;
 }

@@ -133,22 +133,8 @@ std::int64_t ns_between(steady::time_point t0, steady::time_point t1) noexcept {
 
 // Ends the program, naming the benchmark, when one run exceeds its limit (a lost wake-up
 // must not hang the run). Sleeps on a condition variable until the armed deadline.
+using ferry_bench::guarded_run;
 using ferry_bench::watchdog;
-
-watchdog* g_watchdog = nullptr;
-constexpr std::chrono::seconds run_limit{120};
-
-class guarded_run {
-public:
-  explicit guarded_run(std::string name) {
-    if (g_watchdog) g_watchdog->arm(std::move(name), run_limit);
-  }
-  ~guarded_run() {
-    if (g_watchdog) g_watchdog->disarm();
-  }
-  guarded_run(const guarded_run&) = delete;
-  guarded_run& operator=(const guarded_run&) = delete;
-};
 
 double percentile(const std::vector<std::int64_t>& sorted, double p) {
   if (sorted.empty()) return 0;
@@ -1590,7 +1576,6 @@ int main(int argc, char** argv) {
   if (!g_cap1_defect.empty())
     std::fprintf(stderr, "bench_threaded_iterable: %s\n", g_cap1_defect.c_str());
   watchdog dog{"bench_threaded_iterable"};
-  g_watchdog = &dog;
   register_all(cfg);
   {
     ferry_bench::collecting_reporter reporter;
@@ -1599,6 +1584,5 @@ int main(int argc, char** argv) {
     print_summary(reporter.results(), cfg, load_before);
   }
   benchmark::Shutdown();
-  g_watchdog = nullptr;
   return 0;
 }
