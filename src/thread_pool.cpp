@@ -149,6 +149,13 @@ void bump(std::atomic<std::uint64_t>& c, std::uint64_t by = 1) noexcept {
   c.store(c.load(std::memory_order_relaxed) + by, std::memory_order_relaxed);
 }
 
+// Same, for the completion counter that wait_idle() reads: the release store publishes
+// everything the worker's tasks did to whoever acquires the new value. (A plain mov on
+// x86; relaxed here was a real ordering bug that TSan caught on weakly-ordered paths.)
+void bump_release(std::atomic<std::uint64_t>& c, std::uint64_t by = 1) noexcept {
+  c.store(c.load(std::memory_order_relaxed) + by, std::memory_order_release);
+}
+
 struct alignas(64) padded_counter {
   std::atomic<std::uint64_t> value{0};
 };
@@ -456,7 +463,7 @@ private:
     if (policy == when_closed::abandon) {
       count_submitted(1);
       t.abandon();
-      abandoned_.fetch_add(1, std::memory_order_relaxed);
+      abandoned_.fetch_add(1, std::memory_order_release);
       notify_idle_waiters();
       return;
     }
@@ -476,9 +483,11 @@ private:
   }
 
   std::uint64_t finished_total() const noexcept {
-    std::uint64_t sum = abandoned_.load(std::memory_order_relaxed);
+    // Acquire pairs with bump_release / the release increments of abandoned_: a waiter
+    // that sees a task counted also sees what the task (or its abandonment) did.
+    std::uint64_t sum = abandoned_.load(std::memory_order_acquire);
     for (std::size_t i = 0; i < slots_used(); ++i) {
-      sum += workers_[i].completed.load(std::memory_order_relaxed);
+      sum += workers_[i].completed.load(std::memory_order_acquire);
     }
     return sum;
   }
@@ -655,7 +664,7 @@ private:
         bump(w.failed);
         report(std::current_exception());
       }
-      bump(w.completed);
+      bump_release(w.completed);
       now = ticks();
     }
     bump(w.user_ticks, now - start);
@@ -680,7 +689,7 @@ private:
       return;
     }
     for (std::size_t i = 0; i < n; ++i) rest[i].abandon();
-    abandoned_.fetch_add(n, std::memory_order_relaxed);
+    abandoned_.fetch_add(n, std::memory_order_release);
   }
 
   void drain_abandon() noexcept {
@@ -690,7 +699,7 @@ private:
       const std::size_t k = queue_.try_dequeue_bulk(buf, max_batch);
       if (k == 0) break;
       for (std::size_t i = 0; i < k; ++i) buf[i].abandon();
-      abandoned_.fetch_add(k, std::memory_order_relaxed);
+      abandoned_.fetch_add(k, std::memory_order_release);
       total += k;
     }
     if (total != 0) notify_idle_waiters();
