@@ -37,6 +37,12 @@ public:
       case errc::output_missing: return "output missing";
       case errc::invalid_description: return "invalid flow description";
       case errc::duplicate_output: return "duplicate output key";
+      case errc::missing_key: return "missing key";
+      case errc::merge_conflict: return "merge conflict";
+      case errc::no_branch_ran: return "no branch could run";
+      case errc::never_runs: return "step can never run";
+      case errc::invalid_mapping: return "invalid key mapping";
+      case errc::undeclared_output: return "undeclared output key";
     }
     return "unknown ferry.flow error";
   }

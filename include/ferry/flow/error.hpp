@@ -38,6 +38,13 @@ enum class errc {
   output_missing,         // an output spec found no (or too many) values in a context
   invalid_description,    // a JSON flow description that cannot be loaded
   duplicate_output,       // two output specs of a flow with one result key
+  // step flows (bundle) and pipelines
+  missing_key,            // bag::at(k) found no value under k's name
+  merge_conflict,         // two concurrent branches gave one key different values
+  no_branch_ran,          // strict: no branch of a par could start
+  never_runs,             // strict: a step whose needs nothing before it can give
+  invalid_mapping,        // map_input / map_output / bind naming a key the step lacks
+  undeclared_output,      // a step's bag result holds a key it did not declare
 };
 
 const std::error_category& error_category() noexcept;
@@ -85,6 +92,38 @@ public:
 
 private:
   std::vector<std::exception_ptr> exceptions_;
+};
+
+// bag::at(k) found nothing under k's name.
+class missing_key : public ferry::error {
+public:
+  explicit missing_key(std::string key)
+      : ferry::error(make_error_code(errc::missing_key), "no value for key '" + key + "' in the bag"),
+        key_(std::move(key)) {}
+  const std::string& key() const noexcept { return key_; }
+
+private:
+  std::string key_;
+};
+
+// Two concurrent branches of a par gave one key different values.
+class merge_conflict : public ferry::error {
+public:
+  merge_conflict(std::string key, std::string first_step, std::string second_step)
+      : ferry::error(make_error_code(errc::merge_conflict),
+                     "key '" + key + "' was given different values by steps '" + first_step +
+                         "' and '" + second_step + "'"),
+        key_(std::move(key)),
+        first_(std::move(first_step)),
+        second_(std::move(second_step)) {}
+  const std::string& key() const noexcept { return key_; }
+  const std::string& first_step() const noexcept { return first_; }
+  const std::string& second_step() const noexcept { return second_; }
+
+private:
+  std::string key_;
+  std::string first_;
+  std::string second_;
 };
 
 class input;
