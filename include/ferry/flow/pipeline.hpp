@@ -1,0 +1,764 @@
+// ferry/flow/pipeline.hpp — a bounded streaming pipeline: serial and parallel stages over a
+// stream, with a limit on the items in flight (the TBB parallel_pipeline / Taskflow idea).
+//
+//     namespace fl = ferry::flow;
+//     auto p = fl::make_pipeline(
+//         fl::serial_in_order([](std::string line) { return parse(line); }),    // one at a time
+//         fl::parallel([](record r) { return score(r); }),                        // any number
+//         fl::serial_in_order([&](scored s) { out << s; }));                     // in input order
+//     fl::pipeline_stats st = co_await p.run(pool, lines, {.max_in_flight = 16});
+//     std::vector<scored> v = co_await p2.collect(pool, it);   // the last stage's results
+//
+// Rules (spec/flow-pipelines.md F11):
+//  * A stage is a function of the previous stage's value (the source's for the first),
+//    called with an rvalue. serial_in_order runs one item at a time in the order the source
+//    gave them; serial_out_of_order one at a time in any order; parallel any number at once.
+//    Stage functions run on the pool given to run() (else the loop's default pool), never on
+//    the loop.
+//  * At most `max_in_flight` items (default: 4 × the pool's threads) are between the source
+//    and the end of the last stage at any moment; the source is not read further until one
+//    finishes. That bound is the back-pressure on the source.
+//  * Sources: any input range (read lazily, one item at a time, on the pool's workers, under
+//    a lock), a ferry::threaded_iterator<T>& (a thread's stream, read on the loop in batches),
+//    or a ferry::from_thread_channel<T>& (read on the loop until it is closed). Range and
+//    channel must outlive the run.
+//  * run(): the last stage must return void (it consumes the items; nothing is dropped
+//    silently). collect(): the last stage's results in a vector, in source order when the
+//    option `ordered` is true (the default) and in completion order otherwise.
+//  * Completion, `void(std::exception_ptr, pipeline_stats)` with any completion token,
+//    after every item has left the pipeline. The first exception from a stage or the source
+//    stops reading the source; items in flight are discarded at their next stage boundary
+//    (counted in pipeline_stats::discarded) and the exception is delivered. Cancelling the
+//    operation (its cancellation slot) does the same with operation_aborted. A
+//    pipeline_stats with items == source items and discarded == 0 means nothing was lost.
+//  * The pipeline object may be destroyed while a run goes on: a run owns copies of the
+//    stage functions. Concurrent runs of one pipeline are independent; stage functions are
+//    invoked as const and may be called from several threads at once (parallel stages, or
+//    serial stages of different runs).
+#pragma once
+
+#include <ferry/error.hpp>
+#include <ferry/from_thread_channel.hpp>
+#include <ferry/thread_pool.hpp>
+#include <ferry/threaded.hpp>
+#include <ferry/threaded_iterable.hpp>
+
+#include <asio/associated_cancellation_slot.hpp>
+#include <asio/associated_executor.hpp>
+#include <asio/async_result.hpp>
+#include <asio/awaitable.hpp>
+#include <asio/bind_cancellation_slot.hpp>
+#include <asio/cancellation_signal.hpp>
+#include <asio/co_spawn.hpp>
+#include <asio/dispatch.hpp>
+#include <asio/execution/outstanding_work.hpp>
+#include <asio/experimental/as_tuple.hpp>
+#include <asio/post.hpp>
+#include <asio/prefer.hpp>
+#include <asio/steady_timer.hpp>
+#include <asio/this_coro.hpp>
+#include <asio/use_awaitable.hpp>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <iterator>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <ranges>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <variant>
+#include <vector>
+
+namespace ferry::flow {
+
+enum class stage_mode { serial_in_order, serial_out_of_order, parallel };
+
+template <class F>
+struct pipeline_stage {
+  F fn;
+  stage_mode mode = stage_mode::parallel;
+};
+
+template <class F>
+pipeline_stage<std::decay_t<F>> serial_in_order(F&& f) {
+  return {std::forward<F>(f), stage_mode::serial_in_order};
+}
+template <class F>
+pipeline_stage<std::decay_t<F>> serial_out_of_order(F&& f) {
+  return {std::forward<F>(f), stage_mode::serial_out_of_order};
+}
+template <class F>
+pipeline_stage<std::decay_t<F>> parallel(F&& f) {
+  return {std::forward<F>(f), stage_mode::parallel};
+}
+
+struct pipeline_options {
+  std::size_t max_in_flight = 0;  // 0: 4 × the pool's threads
+  bool ordered = true;            // collect(): results in source order
+};
+
+struct pipeline_stats {
+  std::uint64_t items = 0;         // items that went through every stage
+  std::uint64_t discarded = 0;     // items dropped after a failure or cancellation
+  std::size_t peak_in_flight = 0;  // the most items in flight at once
+};
+
+namespace detail {
+
+template <class T>
+using stage_value_t = std::conditional_t<std::is_void_v<T>, std::monostate, T>;
+
+// The value types along the chain: In, then each stage's result.
+template <class In, class... F>
+struct chain;
+template <class In>
+struct chain<In> {
+  using values = std::tuple<In>;
+  using out = In;
+};
+template <class In, class F, class... Rest>
+struct chain<In, F, Rest...> {
+  static_assert(std::is_invocable_v<const F&, In&&>,
+                "ferry::flow pipeline: a stage cannot be called with the previous stage's "
+                "value (as an rvalue); note that stage functions are invoked as const");
+  using R = std::invoke_result_t<const F&, In&&>;
+  static_assert(!std::is_void_v<R> || sizeof...(Rest) == 0,
+                "ferry::flow pipeline: only the last stage may return void");
+  using next = chain<stage_value_t<R>, Rest...>;
+  using values = decltype(std::tuple_cat(std::declval<std::tuple<In>>(),
+                                         std::declval<typename next::values>()));
+  using out = std::conditional_t<sizeof...(Rest) == 0, R, typename next::out>;
+};
+
+template <class Tuple>
+struct variant_of;
+template <class... T>
+struct variant_of<std::tuple<T...>> {
+  using type = std::variant<std::monostate, T...>;
+};
+
+// Where items come from. A range source is pulled by the workers under the input lock; a
+// loop source (threaded_iterator, from_thread_channel) is pushed in by a feeder coroutine.
+template <class View>
+struct range_source {
+  using view = View;
+  using value_type = std::ranges::range_value_t<view>;
+  view v;
+  std::ranges::iterator_t<view> cur;
+  bool started = false;
+  template <class Put>
+  bool pull(Put&& put) {  // false at the end
+    if (!started) {
+      cur = std::ranges::begin(v);
+      started = true;
+    }
+    if (cur == std::ranges::end(v)) return false;
+    put(static_cast<value_type>(*cur));
+    ++cur;
+    return true;
+  }
+};
+
+template <class T>
+struct is_loop_source : std::false_type {};
+template <class T>
+struct is_loop_source<threaded_iterator<T>> : std::true_type {
+  using value_type = T;
+};
+template <class T>
+struct is_loop_source<from_thread_channel<T>> : std::true_type {
+  using value_type = T;
+};
+
+// One run. `Stages` is the tuple of stage functions, `Values` the item variant.
+template <class Stages, class Item, std::size_t N>
+class pipeline_run : public std::enable_shared_from_this<pipeline_run<Stages, Item, N>> {
+  struct item {
+    std::uint64_t seq = 0;
+    std::size_t stage = 0;
+    Item value;
+    item* next_free = nullptr;
+  };
+  struct serial_state {
+    std::mutex mu;
+    bool busy = false;
+    std::uint64_t next_seq = 0;
+    std::vector<item*> waiting;  // in-order: a min-heap on seq
+  };
+
+public:
+  using completion = std::function<void(std::exception_ptr, pipeline_stats)>;
+
+  pipeline_run(Stages stages, const std::array<stage_mode, N>& modes, thread_pool& pool,
+               std::size_t capacity)
+      : stages_(std::move(stages)), modes_(modes), pool_(pool), items_(capacity) {
+    for (std::size_t i = 0; i < capacity; ++i) {
+      items_[i].next_free = free_;
+      free_ = &items_[i];
+    }
+    free_count_ = capacity;
+    for (auto& s : serial_) s.waiting.reserve(capacity);
+  }
+
+  // --- set-up (before start) -------------------------------------------------------------
+  void on_done(completion c) { done_ = std::move(c); }
+  template <class Pull>
+  void set_pull(Pull p) {
+    pull_ = std::move(p);
+  }
+
+  // Range source: the workers pull.
+  void start_pulling() {
+    const std::size_t starters = std::min(items_.size(), pool_.size());
+    auto self = this->shared_from_this();
+    for (std::size_t i = 0; i < starters; ++i) {
+      asio::post(pool_, [self] { self->drive(nullptr, false); });
+    }
+  }
+
+  // Loop source: the feeder pushes one item; false when it should stop (stopping).
+  // Precondition: acquire_for_feeder() returned an item.
+  item* acquire_for_feeder() {
+    std::lock_guard lock(input_mu_);
+    if (stopping_.load(std::memory_order_relaxed)) return nullptr;
+    return take_free_locked();
+  }
+  bool has_free_or_stopping() {
+    std::lock_guard lock(input_mu_);
+    if (free_ != nullptr || stopping_.load(std::memory_order_relaxed)) return true;
+    feeder_waiting_ = true;
+    return false;
+  }
+  template <class V>
+  void feed(item* it, V&& v) {
+    it->value.template emplace<1>(std::forward<V>(v));
+    auto self = this->shared_from_this();
+    asio::post(pool_, [self, it] { self->drive(it, false); });
+  }
+  void feeder_finished() {
+    bool complete = false;
+    {
+      std::lock_guard lock(input_mu_);
+      input_done_ = true;
+      complete = finished_locked();
+    }
+    if (complete) finish();
+  }
+  void set_feeder_wake(std::function<void()> wake) { wake_feeder_ = std::move(wake); }
+
+  // From the loop (the completion's cancellation slot) or a worker (a failure).
+  void fail(std::exception_ptr e) {
+    {
+      std::lock_guard lock(input_mu_);
+      if (!error_) error_ = std::move(e);
+    }
+    stop();
+  }
+  bool stopping() const noexcept { return stopping_.load(std::memory_order_acquire); }
+
+private:
+  item* take_free_locked() {
+    item* it = free_;
+    if (it == nullptr) return nullptr;
+    free_ = it->next_free;
+    --free_count_;
+    it->seq = next_seq_++;
+    it->stage = 0;
+    const std::size_t in_flight = items_.size() - free_count_;
+    if (in_flight > peak_) peak_ = in_flight;
+    return it;
+  }
+
+  bool finished_locked() {
+    if (completed_ || free_count_ != items_.size() || !input_done_) return false;
+    completed_ = true;
+    return true;
+  }
+
+  // Sets the stop flag, then empties every serial stage's waiting list. A worker about to
+  // park an item in a list checks the flag under that list's lock, after this store, so no
+  // item can be parked once its list has been emptied here.
+  void stop() {
+    stopping_.store(true, std::memory_order_release);
+    for (auto& s : serial_) {
+      std::vector<item*> dropped;
+      {
+        std::lock_guard lock(s.mu);
+        dropped.swap(s.waiting);
+      }
+      for (item* it : dropped) release(it, false);
+    }
+    bool complete = false;
+    std::function<void()> wake;
+    {
+      std::lock_guard lock(input_mu_);
+      if (!pull_) {
+        wake = wake_feeder_;  // the feeder ends the input itself
+      } else {
+        input_done_ = true;
+        complete = finished_locked();
+      }
+    }
+    if (wake) wake();
+    if (complete) finish();
+  }
+
+  // Returns an item's token; pulls the next source item when this worker should go on.
+  item* release(item* it, bool finished_all, bool pull_next = false) {
+    it->value.template emplace<0>();
+    bool complete = false;
+    bool wake = false;
+    item* next = nullptr;
+    {
+      std::lock_guard lock(input_mu_);
+      if (finished_all) {
+        ++items_done_;
+      } else {
+        ++discarded_;
+      }
+      it->next_free = free_;
+      free_ = it;
+      ++free_count_;
+      if (pull_next) next = pull_locked();
+      if (feeder_waiting_) {
+        feeder_waiting_ = false;
+        wake = true;
+      }
+      complete = finished_locked();
+    }
+    if (wake && wake_feeder_) wake_feeder_();
+    if (complete) finish();
+    return next;
+  }
+
+  // Under input_mu_: the next source item in a fresh token, or null (no token, end, stop).
+  item* pull_locked() {
+    if (!pull_ || input_done_ || stopping_.load(std::memory_order_relaxed) || free_ == nullptr) {
+      return nullptr;
+    }
+    item* it = take_free_locked();
+    bool got = false;
+    try {
+      got = pull_([&](auto&& v) { it->value.template emplace<1>(std::forward<decltype(v)>(v)); });
+    } catch (...) {
+      if (!error_) error_ = std::current_exception();
+      got = false;
+      stopping_.store(true, std::memory_order_release);
+    }
+    if (!got) {
+      input_done_ = true;
+      it->value.template emplace<0>();
+      it->next_free = free_;
+      free_ = it;
+      ++free_count_;
+      --next_seq_;
+      return nullptr;
+    }
+    return it;
+  }
+
+  item* pull() {
+    bool complete = false;
+    item* it = nullptr;
+    bool stop_now = false;
+    {
+      std::lock_guard lock(input_mu_);
+      it = pull_locked();
+      stop_now = it == nullptr && error_ && stopping_.load(std::memory_order_relaxed);
+      complete = finished_locked();
+    }
+    if (stop_now) stop();
+    if (complete) finish();
+    return it;
+  }
+
+  template <std::size_t K>
+  void run_stage_k(item* it) {
+    auto& in = std::get<K + 1>(it->value);
+    const auto& f = std::get<K>(stages_).fn;
+    using R = std::invoke_result_t<decltype(f), decltype(std::move(in))>;
+    if constexpr (std::is_void_v<R>) {
+      std::invoke(f, std::move(in));
+      it->value.template emplace<K + 2>();
+    } else {
+      R r = std::invoke(f, std::move(in));
+      it->value.template emplace<K + 2>(std::move(r));
+    }
+  }
+
+  template <std::size_t... K>
+  void run_stage(item* it, std::index_sequence<K...>) {
+    const std::size_t k = it->stage;
+    ((k == K ? (run_stage_k<K>(it), true) : false) || ...);
+  }
+
+  // Carries `it` through the stages; `owned`: it already holds its current serial stage.
+  // Then, while there is room, pulls new source items and carries them too.
+  void drive(item* it, bool owned) {
+    if (it == nullptr) it = pull();
+    while (it != nullptr) {
+      bool parked = false;
+      while (it->stage < N) {
+        if (stopping()) break;
+        const std::size_t k = it->stage;
+        const stage_mode mode = modes_[k];
+        if (mode != stage_mode::parallel && !owned) {
+          serial_state& s = serial_[k];
+          std::lock_guard lock(s.mu);
+          if (stopping()) break;
+          if (s.busy || (mode == stage_mode::serial_in_order && it->seq != s.next_seq)) {
+            s.waiting.push_back(it);
+            if (mode == stage_mode::serial_in_order) {
+              std::push_heap(s.waiting.begin(), s.waiting.end(), later);
+            }
+            parked = true;
+            break;
+          }
+          s.busy = true;
+        }
+        owned = false;
+        try {
+          run_stage(it, std::make_index_sequence<N>{});
+        } catch (...) {
+          fail(std::current_exception());
+          // The stage stays busy: nothing runs after a failure.
+          break;
+        }
+        if (mode != stage_mode::parallel) hand_over(k);
+        ++it->stage;
+      }
+      if (parked) {
+        it = pull();
+        continue;
+      }
+      it = release(it, it->stage == N, true);
+    }
+  }
+
+  // After an item left serial stage k: the stage goes to the next waiting item, if any,
+  // which continues on another worker (this one carries its own item on).
+  void hand_over(std::size_t k) {
+    serial_state& s = serial_[k];
+    item* next = nullptr;
+    {
+      std::lock_guard lock(s.mu);
+      s.busy = false;
+      ++s.next_seq;
+      if (!s.waiting.empty()) {
+        if (modes_[k] == stage_mode::serial_in_order) {
+          if (s.waiting.front()->seq == s.next_seq) {
+            std::pop_heap(s.waiting.begin(), s.waiting.end(), later);
+            next = s.waiting.back();
+            s.waiting.pop_back();
+          }
+        } else {
+          next = s.waiting.back();
+          s.waiting.pop_back();
+        }
+      }
+      if (next != nullptr) s.busy = true;
+    }
+    if (next != nullptr) {
+      auto self = this->shared_from_this();
+      asio::post(pool_, [self, next] { self->drive(next, true); });
+    }
+  }
+
+  static bool later(const item* a, const item* b) noexcept { return a->seq > b->seq; }
+
+  void finish() {
+    pipeline_stats st;
+    std::exception_ptr e;
+    {
+      std::lock_guard lock(input_mu_);
+      st.items = items_done_;
+      st.discarded = discarded_;
+      st.peak_in_flight = peak_;
+      e = error_;
+    }
+    completion done = std::move(done_);
+    done(e, st);
+  }
+
+  Stages stages_;
+  std::array<stage_mode, N> modes_;
+  thread_pool& pool_;
+  std::vector<item> items_;
+  std::array<serial_state, N> serial_;
+  std::atomic<bool> stopping_{false};
+
+  std::mutex input_mu_;  // guards everything below
+  std::function<bool(const std::function<void(std::variant_alternative_t<1, Item>&&)>&)> pull_;
+  item* free_ = nullptr;
+  std::size_t free_count_ = 0;
+  std::uint64_t next_seq_ = 0;
+  std::uint64_t items_done_ = 0;
+  std::uint64_t discarded_ = 0;
+  std::size_t peak_ = 0;
+  bool input_done_ = false;
+  bool completed_ = false;
+  bool feeder_waiting_ = false;
+  std::exception_ptr error_;
+  std::function<void()> wake_feeder_;
+  completion done_;
+};
+
+
+// --- launching a run -------------------------------------------------------------------------
+
+// The feeder of a loop source: reads batches on the loop and hands each item a free token.
+struct feeder_state {
+  explicit feeder_state(const asio::any_io_executor& ex)
+      : wake(ex, asio::steady_timer::time_point::max()) {}
+  asio::steady_timer wake;
+  asio::cancellation_signal cancel;
+};
+
+bool is_channel_closed(const std::exception_ptr& e);
+
+template <class T>
+asio::awaitable<std::vector<T>> next_items(threaded_iterator<T>& it, std::size_t n) {
+  auto op = it.next_batch(n);
+  co_return co_await std::move(op);  // empty at the end
+}
+template <class T>
+asio::awaitable<std::vector<T>> next_items(from_thread_channel<T>& ch, std::size_t n) {
+  auto op = ch.async_get_batch(n, asio::experimental::as_tuple(asio::use_awaitable));
+  auto [e, batch] = co_await std::move(op);
+  if (e && !is_channel_closed(e)) std::rethrow_exception(e);
+  co_return std::move(batch);  // empty once closed and drained
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wsubobject-linkage"
+#endif
+template <class Run, class Src>
+asio::awaitable<void> feed(std::shared_ptr<Run> run, Src* src, std::shared_ptr<feeder_state> fs,
+                           std::size_t batch_size) {
+  co_await asio::this_coro::throw_if_cancelled(false);
+  try {
+    bool more = true;
+    while (more && !run->stopping()) {
+      auto op = next_items(*src, batch_size);
+      auto batch = co_await std::move(op);
+      if (batch.empty()) break;
+      for (auto& v : batch) {
+        auto* it = run->acquire_for_feeder();
+        while (it == nullptr && !run->stopping()) {
+          if (!run->has_free_or_stopping()) {
+            auto wait = fs->wake.async_wait(asio::experimental::as_tuple(asio::use_awaitable));
+            co_await std::move(wait);
+          }
+          it = run->acquire_for_feeder();
+        }
+        if (it == nullptr) {
+          more = false;
+          break;
+        }
+        run->feed(it, std::move(v));
+      }
+    }
+  } catch (...) {
+    if (!run->stopping()) run->fail(std::current_exception());
+  }
+  run->feeder_finished();
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+std::exception_ptr make_pipeline_aborted();
+
+template <class In, class Stages, std::size_t... K>
+auto make_run_type(std::index_sequence<K...>) {
+  using chain_t = chain<In, decltype(std::get<K>(std::declval<Stages&>()).fn)...>;
+  using item_t = typename variant_of<typename chain_t::values>::type;
+  return std::type_identity<pipeline_run<Stages, item_t, sizeof...(K)>>{};
+}
+
+template <class In, class Stages, std::size_t N, class Source, class Token>
+auto launch_pipeline(thread_pool* pool, Stages stages, const std::array<stage_mode, N>& modes,
+                     Source&& source, pipeline_options options, Token&& token) {
+  using run_t = typename decltype(make_run_type<In, Stages>(std::make_index_sequence<N>{}))::type;
+  using src_t = std::remove_cvref_t<Source>;
+  constexpr bool loop_source = is_loop_source<src_t>::value;
+  if constexpr (loop_source) {
+    static_assert(std::is_lvalue_reference_v<Source>,
+                  "ferry::flow pipeline: pass a threaded_iterator or from_thread_channel as an "
+                  "lvalue; it must outlive the run");
+  }
+  auto init = [pool, modes, options](auto handler, Stages st, auto src) mutable {
+    constexpr bool from_loop = is_loop_source<src_t>::value;
+    using handler_t = decltype(handler);
+    // The completion's executor: the handler's own, else the pool's (a plain callback then
+    // runs on a pool thread; bind it to a loop with asio::bind_executor to have it there).
+    asio::any_io_executor ex =
+        pool != nullptr ? asio::any_io_executor(asio::get_associated_executor(handler, pool->get_executor()))
+                        : asio::any_io_executor(asio::get_associated_executor(handler));
+    thread_pool& p = pool != nullptr ? *pool : ferry::default_pool(ferry::detail::loop_context_of(ex));
+    std::size_t cap = options.max_in_flight != 0 ? options.max_in_flight : 4 * p.size();
+    auto run = std::make_shared<run_t>(std::move(st), modes, p, cap);
+    auto slot = asio::get_associated_cancellation_slot(handler);
+    auto work = asio::prefer(ex, asio::execution::outstanding_work.tracked);
+    auto h = std::make_shared<std::optional<handler_t>>(std::move(handler));
+    run->on_done([h, work](std::exception_ptr e, pipeline_stats stats) {
+      asio::post(work, [h, e, stats]() mutable {
+        handler_t done = std::move(**h);
+        h->reset();
+        asio::get_associated_cancellation_slot(done).clear();
+        std::move(done)(e, stats);
+      });
+    });
+    if (slot.is_connected()) {
+      std::weak_ptr<run_t> weak = run;
+      slot.assign([weak](asio::cancellation_type) {
+        if (auto r = weak.lock()) r->fail(make_pipeline_aborted());
+      });
+    }
+    if constexpr (from_loop) {
+      auto fs = std::make_shared<feeder_state>(ex);
+      const asio::any_io_executor& loop = ex;
+      run->set_feeder_wake([fs, loop, weak = std::weak_ptr<run_t>(run)] {
+        asio::post(loop, [fs, weak] {
+          fs->wake.cancel();
+          auto r = weak.lock();
+          if (r && r->stopping()) fs->cancel.emit(asio::cancellation_type::terminal);
+        });
+      });
+      asio::co_spawn(loop, feed(run, src, fs, cap),
+                     asio::bind_cancellation_slot(fs->cancel.slot(), [fs](std::exception_ptr) {}));
+    } else {
+      using view_t = decltype(src);
+      auto rs = std::make_shared<range_source<view_t>>(range_source<view_t>{std::move(src), {}, false});
+      run->set_pull([rs](const auto& put) { return rs->pull(put); });
+      run->start_pulling();
+    }
+  };
+  // The source travels as a pointer (loop sources) or a view (ranges: a ref_view of an
+  // lvalue, an owning_view of an rvalue), since completion tokens may copy arguments.
+  if constexpr (loop_source) {
+    return asio::async_initiate<Token, void(std::exception_ptr, pipeline_stats)>(
+        std::move(init), token, std::move(stages), &source);
+  } else {
+    return asio::async_initiate<Token, void(std::exception_ptr, pipeline_stats)>(
+        std::move(init), token, std::move(stages), std::views::all(std::forward<Source>(source)));
+  }
+}
+
+}  // namespace detail
+
+// Stages composed into a pipeline; run it over sources with run() / collect().
+template <class... F>
+class pipeline {
+  static constexpr std::size_t N = sizeof...(F);
+  static_assert(N > 0, "ferry::flow pipeline: at least one stage");
+
+public:
+  explicit pipeline(pipeline_stage<F>... stages)
+      : stages_(std::move(stages)...), modes_{stages.mode...} {}
+
+  // Runs every item of `source` through the stages on `pool` (null: the default pool of the
+  // completion handler's loop). Completion: void(std::exception_ptr, pipeline_stats).
+  template <class Source, class Token = asio::use_awaitable_t<>>
+  auto run(thread_pool& pool, Source&& source, pipeline_options options = {},
+           Token&& token = {}) const {
+    return start(&pool, std::forward<Source>(source), options, std::forward<Token>(token));
+  }
+  template <class Source, class Token = asio::use_awaitable_t<>>
+  auto run(Source&& source, pipeline_options options = {}, Token&& token = {}) const {
+    return start(nullptr, std::forward<Source>(source), options, std::forward<Token>(token));
+  }
+
+  // The last stage's results, in source order (options.ordered) or completion order.
+  template <class Source>
+  auto collect(thread_pool& pool, Source&& source, pipeline_options options = {}) const {
+    return collect_on(&pool, std::forward<Source>(source), options);
+  }
+  template <class Source>
+  auto collect(Source&& source, pipeline_options options = {}) const {
+    return collect_on(nullptr, std::forward<Source>(source), options);
+  }
+
+  const std::array<stage_mode, N>& modes() const noexcept { return modes_; }
+
+private:
+  template <class Source>
+  static auto input_of() {
+    using S = std::remove_cvref_t<Source>;
+    if constexpr (detail::is_loop_source<S>::value) {
+      return std::type_identity<typename detail::is_loop_source<S>::value_type>{};
+    } else {
+      return std::type_identity<std::ranges::range_value_t<std::views::all_t<Source>>>{};
+    }
+  }
+
+  template <class Source, class Token>
+  auto start(thread_pool* pool, Source&& source, pipeline_options options, Token&& token) const {
+    using in = typename decltype(input_of<Source>())::type;
+    using out = typename detail::chain<in, F...>::out;
+    static_assert(std::is_void_v<out>,
+                  "ferry::flow pipeline: run() needs a last stage that returns void (it consumes "
+                  "the items); use collect() to gather the last stage's results");
+    return detail::launch_pipeline<in>(pool, stages_, modes_, std::forward<Source>(source),
+                                       options, std::forward<Token>(token));
+  }
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wsubobject-linkage"
+#endif
+  template <class Source>
+  auto collect_on(thread_pool* pool, Source&& source, pipeline_options options) const {
+    using in = typename decltype(input_of<Source>())::type;
+    using out = typename detail::chain<in, F...>::out;
+    static_assert(!std::is_void_v<out>,
+                  "ferry::flow pipeline: collect() needs a last stage that returns a value");
+    // S is T& for an lvalue source (kept by reference) and T for an rvalue (moved into the
+    // coroutine frame, so the awaitable may be awaited later).
+    return collect_impl<in, out, Source>(pool, stages_, modes_, std::forward<Source>(source),
+                                         options);
+  }
+
+  template <class In, class Out, class S>
+  static asio::awaitable<std::vector<Out>> collect_impl(thread_pool* pool,
+                                                       std::tuple<pipeline_stage<F>...> stages,
+                                                       std::array<stage_mode, N> modes, S source,
+                                                       pipeline_options options) {
+    auto results = std::make_shared<std::vector<Out>>();
+    auto sink = [results](Out&& v) { results->push_back(std::move(v)); };
+    using sink_t = decltype(sink);
+    std::tuple<pipeline_stage<F>..., pipeline_stage<sink_t>> all = std::tuple_cat(
+        std::move(stages),
+        std::tuple<pipeline_stage<sink_t>>{pipeline_stage<sink_t>{
+            sink, options.ordered ? stage_mode::serial_in_order : stage_mode::serial_out_of_order}});
+    std::array<stage_mode, N + 1> all_modes{};
+    std::copy(modes.begin(), modes.end(), all_modes.begin());
+    all_modes[N] = options.ordered ? stage_mode::serial_in_order : stage_mode::serial_out_of_order;
+    auto op = detail::launch_pipeline<In>(pool, std::move(all), all_modes,
+                                          std::forward<S>(source), options, asio::use_awaitable);
+    (void)co_await std::move(op);
+    co_return std::move(*results);
+  }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+  std::tuple<pipeline_stage<F>...> stages_;
+  std::array<stage_mode, N> modes_;
+};
+
+template <class... F>
+pipeline<F...> make_pipeline(pipeline_stage<F>... stages) {
+  return pipeline<F...>(std::move(stages)...);
+}
+
+}  // namespace ferry::flow
