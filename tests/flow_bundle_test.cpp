@@ -17,6 +17,7 @@
 #include <atomic>
 #include <chrono>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <stop_token>
 #include <string>
@@ -48,23 +49,29 @@ asio::awaitable<void> sleep_for(std::chrono::milliseconds ms) {
   co_await std::move(op);
 }
 
-// Runs one bundle call on `io` and returns its bag (rethrowing its failure).
-fl::bag call(asio::io_context& io, const fl::bundle& f, fl::bag in) {
-  std::shared_future<fl::bag> fut = f.async_run(io.get_executor(), std::move(in), asio::use_future).share();
-  io.run();
-  io.restart();
-  return fut.get();
-}
-
-fl::bag call(asio::io_context& io, const fl::bundle& f, fl::bag in, fl::visibility v) {
+// Runs one bundle call on `io` and returns its bag (rethrowing its failure). Everything,
+// the failure's exception_ptr included, stays on this thread: no futures (TSan cannot see
+// libstdc++'s exception_ptr reference counts across threads).
+fl::bag call(asio::io_context& io, const fl::bundle& f, fl::bag in, std::optional<fl::visibility> v = std::nullopt) {
+  std::exception_ptr failure;
+  std::optional<fl::bag> result;
   auto body = [&]() -> asio::awaitable<fl::bag> {
-    auto op = f(std::move(in), v);
+    if (v) {
+      auto op = f(std::move(in), *v);
+      co_return co_await std::move(op);
+    }
+    auto op = f(std::move(in));
     co_return co_await std::move(op);
   };
-  std::shared_future<fl::bag> fut = asio::co_spawn(io, body(), asio::use_future).share();
+  asio::co_spawn(io, body(), [&](std::exception_ptr e, fl::bag out) {
+    failure = e;
+    if (!e) result = std::move(out);
+  });
   io.run();
   io.restart();
-  return fut.get();
+  if (failure) std::rethrow_exception(failure);
+  BOOST_REQUIRE(result.has_value());
+  return std::move(*result);
 }
 
 std::exception_ptr failure_of(asio::io_context& io, const fl::bundle& f, fl::bag in) {

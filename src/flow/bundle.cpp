@@ -612,7 +612,7 @@ asio::awaitable<node_result> run_par(const detail::node_impl& n, const call_stat
   if (started.empty()) {
     if (cs.strict) {
       throw ferry::error(make_error_code(errc::no_branch_ran),
-                         "no branch of " + n.label + " could run: each one's first step lacks a key");
+                         "no branch of " + n.label + " can start: the first step of each lacks a key");
     }
     co_return node_result{};
   }

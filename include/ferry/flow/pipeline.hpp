@@ -346,10 +346,14 @@ private:
     }
     item* it = take_free_locked();
     bool got = false;
+    std::exception_ptr failure;
     try {
       got = pull_([&](auto&& v) { it->value.template emplace<1>(std::forward<decltype(v)>(v)); });
     } catch (...) {
-      if (!error_) error_ = std::current_exception();
+      failure = std::current_exception();
+    }
+    if (failure) {
+      if (!error_) error_ = std::move(failure);
       got = false;
       stopping_.store(true, std::memory_order_release);
     }
@@ -425,12 +429,18 @@ private:
           s.busy = true;
         }
         owned = false;
+        // The exception leaves the catch block before it is handed on, so that its last
+        // reference is dropped by whoever receives it, after a lock or a post (the hand-off
+        // TSan can see; libstdc++'s exception reference counts are not instrumented).
+        std::exception_ptr failure;
         try {
           run_stage(it, std::make_index_sequence<N>{});
         } catch (...) {
-          fail(std::current_exception());
-          // The stage stays busy: nothing runs after a failure.
-          break;
+          failure = std::current_exception();
+        }
+        if (failure) {
+          fail(std::move(failure));
+          break;  // the stage stays busy: nothing runs after a failure
         }
         if (mode != stage_mode::parallel) hand_over(k);
         ++it->stage;
@@ -482,10 +492,10 @@ private:
       st.items = items_done_;
       st.discarded = discarded_;
       st.peak_in_flight = peak_;
-      e = error_;
+      e = std::move(error_);
     }
     completion done = std::move(done_);
-    done(e, st);
+    done(std::move(e), st);
   }
 
   Stages stages_;
@@ -611,11 +621,11 @@ auto launch_pipeline(thread_pool* pool, Stages stages, const std::array<stage_mo
     auto work = asio::prefer(ex, asio::execution::outstanding_work.tracked);
     auto h = std::make_shared<std::optional<handler_t>>(std::move(handler));
     run->on_done([h, work](std::exception_ptr e, pipeline_stats stats) {
-      asio::post(work, [h, e, stats]() mutable {
+      asio::post(work, [h, e = std::move(e), stats]() mutable {
         handler_t done = std::move(**h);
         h->reset();
         asio::get_associated_cancellation_slot(done).clear();
-        std::move(done)(e, stats);
+        std::move(done)(std::move(e), stats);
       });
     });
     if (slot.is_connected()) {
