@@ -62,6 +62,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
@@ -70,6 +71,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <thread>
 #include <ranges>
 #include <tuple>
 #include <type_traits>
@@ -178,6 +180,31 @@ struct is_loop_source<from_thread_channel<T>> : std::true_type {
   using value_type = T;
 };
 
+// A test-and-test-and-set lock for the serial stages' few-instruction critical sections:
+// a std::mutex would put a contended hand-over to sleep in the kernel for microseconds.
+class spin_lock {
+public:
+  void lock() noexcept {
+    for (;;) {
+      if (!locked_.exchange(true, std::memory_order_acquire)) return;
+      for (int spins = 0; locked_.load(std::memory_order_relaxed); ++spins) {
+        if (spins >= 64) {
+          std::this_thread::yield();
+          spins = 0;
+        } else {
+#if defined(__x86_64__) || defined(__i386__)
+          __builtin_ia32_pause();
+#endif
+        }
+      }
+    }
+  }
+  void unlock() noexcept { locked_.store(false, std::memory_order_release); }
+
+private:
+  std::atomic<bool> locked_{false};
+};
+
 // One run. `Stages` is the tuple of stage functions, `Values` the item variant.
 template <class Stages, class Item, std::size_t N>
 class pipeline_run : public std::enable_shared_from_this<pipeline_run<Stages, Item, N>> {
@@ -186,9 +213,11 @@ class pipeline_run : public std::enable_shared_from_this<pipeline_run<Stages, It
     std::size_t stage = 0;
     Item value;
     item* next_free = nullptr;
+    item* next_ready = nullptr;
+    bool owned = false;
   };
   struct serial_state {
-    std::mutex mu;
+    spin_lock mu;  // held for a few instructions, never around user code
     bool busy = false;
     std::uint64_t next_seq = 0;
     std::vector<item*> waiting;  // in-order: a min-heap on seq
@@ -215,14 +244,8 @@ public:
     pull_ = std::move(p);
   }
 
-  // Range source: the workers pull.
-  void start_pulling() {
-    const std::size_t starters = std::min(items_.size(), pool_.size());
-    auto self = this->shared_from_this();
-    for (std::size_t i = 0; i < starters; ++i) {
-      asio::post(pool_, [self] { self->drive(nullptr, false); });
-    }
-  }
+  // Range source: the runners pull.
+  void start_pulling() { start_runners(std::min(items_.size(), pool_.size())); }
 
   // Loop source: the feeder pushes one item; false when it should stop (stopping).
   // Precondition: acquire_for_feeder() returned an item.
@@ -240,8 +263,7 @@ public:
   template <class V>
   void feed(item* it, V&& v) {
     it->value.template emplace<1>(std::forward<V>(v));
-    auto self = this->shared_from_this();
-    asio::post(pool_, [self, it] { self->drive(it, false); });
+    schedule(it, false);
   }
   void feeder_finished() {
     bool complete = false;
@@ -311,12 +333,11 @@ private:
     if (complete) finish();
   }
 
-  // Returns an item's token; pulls the next source item when this worker should go on.
-  item* release(item* it, bool finished_all, bool pull_next = false) {
+  // Returns an item's token (finished: it went through every stage; else discarded).
+  void release(item* it, bool finished_all) {
     it->value.template emplace<0>();
     bool complete = false;
     bool wake = false;
-    item* next = nullptr;
     {
       std::lock_guard lock(input_mu_);
       if (finished_all) {
@@ -327,7 +348,6 @@ private:
       it->next_free = free_;
       free_ = it;
       ++free_count_;
-      if (pull_next) next = pull_locked();
       if (feeder_waiting_) {
         feeder_waiting_ = false;
         wake = true;
@@ -336,7 +356,6 @@ private:
     }
     if (wake && wake_feeder_) wake_feeder_();
     if (complete) finish();
-    return next;
   }
 
   // Under input_mu_: the next source item in a fresh token, or null (no token, end, stop).
@@ -404,58 +423,150 @@ private:
     ((k == K ? (run_stage_k<K>(it), true) : false) || ...);
   }
 
-  // Carries `it` through the stages; `owned`: it already holds its current serial stage.
-  // Then, while there is room, pulls new source items and carries them too.
-  void drive(item* it, bool owned) {
-    if (it == nullptr) it = pull();
-    while (it != nullptr) {
-      bool parked = false;
-      while (it->stage < N) {
-        if (stopping()) break;
-        const std::size_t k = it->stage;
-        const stage_mode mode = modes_[k];
-        if (mode != stage_mode::parallel && !owned) {
-          serial_state& s = serial_[k];
-          std::lock_guard lock(s.mu);
-          if (stopping()) break;
-          if (s.busy || (mode == stage_mode::serial_in_order && it->seq != s.next_seq)) {
-            s.waiting.push_back(it);
-            if (mode == stage_mode::serial_in_order) {
-              std::push_heap(s.waiting.begin(), s.waiting.end(), later);
-            }
-            parked = true;
-            break;
-          }
-          s.busy = true;
-        }
-        owned = false;
-        // The exception leaves the catch block before it is handed on, so that its last
-        // reference is dropped by whoever receives it, after a lock or a post (the hand-off
-        // TSan can see; libstdc++'s exception reference counts are not instrumented).
-        std::exception_ptr failure;
-        try {
-          run_stage(it, std::make_index_sequence<N>{});
-        } catch (...) {
-          failure = std::current_exception();
-        }
-        if (failure) {
-          fail(std::move(failure));
-          break;  // the stage stays busy: nothing runs after a failure
-        }
-        if (mode != stage_mode::parallel) hand_over(k);
-        ++it->stage;
+  // --- scheduling ------------------------------------------------------------------------
+  //
+  // Work is items ready to continue (a FIFO of this run) plus source items to pull. At most
+  // pool-size "runner" tasks process it; a new runner is posted only when fewer are active,
+  // so the pool never holds queued runners hostage behind a long one, and a runner re-posts
+  // itself after a budget of chains so that a pool worker is never monopolised.
+
+  // Runners start one by one: each new runner posts the next only once it is running, so
+  // a pool worker taking a batch of tasks never takes two runners at once and leaves the
+  // other worker idle while one of them waits behind the other.
+  void start_runners(std::size_t n) {
+    {
+      std::lock_guard lock(ready_mu_);
+      wanted_ = n;
+      ++runners_;
+    }
+    post_runner();
+  }
+
+  void spawn_more() {
+    {
+      std::lock_guard lock(ready_mu_);
+      if (runners_ >= wanted_) return;
+      ++runners_;
+    }
+    post_runner();
+  }
+
+  void post_runner() {
+    auto self = this->shared_from_this();
+    asio::post(pool_, [self] { self->runner(); });
+  }
+
+  // Queues `it` to continue at its stage (`owned`: it already holds that serial stage).
+  void schedule(item* it, bool owned) {
+    it->owned = owned;
+    it->next_ready = nullptr;
+    bool post = false;
+    {
+      std::lock_guard lock(ready_mu_);
+      if (ready_tail_ != nullptr) {
+        ready_tail_->next_ready = it;
+      } else {
+        ready_head_ = it;
       }
-      if (parked) {
-        it = pull();
+      ready_tail_ = it;
+      if (runners_ < pool_.size()) {
+        ++runners_;
+        post = true;
+      }
+    }
+    if (post) post_runner();
+  }
+
+  item* take_ready() {
+    std::lock_guard lock(ready_mu_);
+    item* it = ready_head_;
+    if (it != nullptr) {
+      ready_head_ = it->next_ready;
+      if (ready_head_ == nullptr) ready_tail_ = nullptr;
+    }
+    return it;
+  }
+
+  void runner() {
+    // A slice: after about 200 µs the runner re-posts itself, so other work on the pool
+    // (threaded calls, other runs) waits at most that long behind it.
+    constexpr auto slice = std::chrono::microseconds(200);
+    const auto slice_end = std::chrono::steady_clock::now() + slice;
+    spawn_more();
+    for (unsigned chains = 1;; ++chains) {
+      item* it = take_ready();
+      if (it == nullptr) it = pull();
+      if (it == nullptr) {
+        std::lock_guard lock(ready_mu_);
+        if (ready_head_ == nullptr) {
+          --runners_;
+          return;
+        }
         continue;
       }
-      it = release(it, it->stage == N, true);
+      drive(it, it->owned);
+      if (chains % 16 == 0 && std::chrono::steady_clock::now() >= slice_end) {
+        post_runner();  // keeps its place in runners_
+        return;
+      }
     }
   }
 
+  // Carries `it` through the stages (`owned`: it already holds its current serial stage)
+  // until it finishes, waits at a serial stage, or the run stops.
+  void drive(item* it, bool owned) {
+    it->owned = false;
+    while (it->stage < N) {
+      if (stopping()) break;
+      const std::size_t k = it->stage;
+      const stage_mode mode = modes_[k];
+      if (mode != stage_mode::parallel && !owned) {
+        serial_state& s = serial_[k];
+        std::lock_guard lock(s.mu);
+        if (stopping()) break;
+        if (s.busy || (mode == stage_mode::serial_in_order && it->seq != s.next_seq)) {
+          s.waiting.push_back(it);
+          if (mode == stage_mode::serial_in_order) {
+            std::push_heap(s.waiting.begin(), s.waiting.end(), later);
+          }
+          return;  // hand_over() schedules it when its turn comes
+        }
+        s.busy = true;
+      }
+      owned = false;
+      // The exception leaves the catch block before it is handed on, so that its last
+      // reference is dropped by whoever receives it, after a lock or a post (the hand-off
+      // TSan can see; libstdc++'s exception reference counts are not instrumented).
+      std::exception_ptr failure;
+      try {
+        run_stage(it, std::make_index_sequence<N>{});
+      } catch (...) {
+        failure = std::current_exception();
+      }
+      if (failure) {
+        fail(std::move(failure));
+        break;  // the stage stays busy: nothing runs after a failure
+      }
+      ++it->stage;
+      if (mode == stage_mode::parallel) continue;
+      item* next = hand_over(k);
+      if (next == nullptr) continue;
+      // Serial stages are where a pipeline queues up: keep this one running here with the
+      // next waiting item, and let another runner carry the finished one on.
+      if (it->stage == N) {
+        release(it, true);
+      } else {
+        schedule(it, false);
+      }
+      it = next;
+      owned = true;
+    }
+    release(it, it->stage == N);
+  }
+
   // After an item left serial stage k: the stage goes to the next waiting item, if any,
-  // which continues on another worker (this one carries its own item on).
-  void hand_over(std::size_t k) {
+  // which is returned holding the stage (the caller runs it).
+  item* hand_over(std::size_t k) {
     serial_state& s = serial_[k];
     item* next = nullptr;
     {
@@ -476,10 +587,7 @@ private:
       }
       if (next != nullptr) s.busy = true;
     }
-    if (next != nullptr) {
-      auto self = this->shared_from_this();
-      asio::post(pool_, [self, next] { self->drive(next, true); });
-    }
+    return next;
   }
 
   static bool later(const item* a, const item* b) noexcept { return a->seq > b->seq; }
@@ -505,7 +613,16 @@ private:
   std::array<serial_state, N> serial_;
   std::atomic<bool> stopping_{false};
 
-  std::mutex input_mu_;  // guards everything below
+  spin_lock ready_mu_;  // guards the ready FIFO and runners_
+  item* ready_head_ = nullptr;
+  item* ready_tail_ = nullptr;
+  std::size_t runners_ = 0;
+  std::size_t wanted_ = 0;  // runners to start with (range sources)
+
+  // Guards everything below, and reading the range source. A spin lock: the sections are
+  // short (a range source is read one item at a time; a source that blocks per item belongs
+  // in a threaded_iterator), and a contended std::mutex would park a worker in the kernel.
+  spin_lock input_mu_;
   std::function<bool(const std::function<void(std::variant_alternative_t<1, Item>&&)>&)> pull_;
   item* free_ = nullptr;
   std::size_t free_count_ = 0;
