@@ -471,6 +471,7 @@ bool can_start(const detail::node_impl& n, const bag& visible) {
 // Names the function's results after the step's (mapped) keys.
 bag name_outputs(const detail::step_impl& s, detail::step_output& out) {
   bag b;
+  b.reserve(s.out_names.size());
   const auto& gives = s.body->gives;
   if (out.dynamic) {
     for (const auto& slot : out.dynamic->slots()) {
@@ -547,18 +548,43 @@ asio::awaitable<node_result> run_node(const detail::node_impl& n, const call_sta
 
 asio::awaitable<node_result> run_seq(const detail::node_impl& n, const call_state& cs,
                                      const bag& visible) {
+  // `current` is the bag the next element sees. Under `none` it is the last outputs
+  // themselves, so it is moved, not copied; under `all` the seq's outputs are worked out
+  // once at the end, as what differs from `visible`.
   bag current = visible;
   node_result acc;
   for (const auto& child : n.children) {
-    auto op = run_node(*child, cs, current);
-    node_result r = co_await std::move(op);
-    if (!r.ran) continue;
-    acc.ran = true;
-    advance(current, r.out, cs);
-    if (cs.mode == visibility::all) {
-      for (const auto& s : r.out.slots()) acc.out.put(s);
+    node_result r;
+    if (child->k == detail::node_impl::kind::step) {  // the common case, one frame less
+      if (!step_ready(*child->step, current)) continue;
+      auto op = run_step(*child->step, current);
+      r.out = co_await std::move(op);
+      r.ran = true;
     } else {
-      acc.out = std::move(r.out);
+      auto op = run_node(*child, cs, current);
+      r = co_await std::move(op);
+      if (!r.ran) continue;
+    }
+    acc.ran = true;
+    switch (cs.mode) {
+      case visibility::none: current = std::move(r.out); break;
+      case visibility::initial:
+        current = *cs.initial;
+        for (const auto& s : r.out.slots()) current.put(s);
+        acc.out = std::move(r.out);
+        break;
+      case visibility::all:
+        for (const auto& s : r.out.slots()) current.put(s);
+        break;
+    }
+  }
+  if (!acc.ran) co_return acc;
+  if (cs.mode == visibility::none) {
+    acc.out = std::move(current);
+  } else if (cs.mode == visibility::all) {
+    for (const auto& s : current.slots()) {
+      const detail::bag_slot* before = visible.slot(s.name);
+      if (before == nullptr || before->value != s.value) acc.out.put(s);
     }
   }
   co_return acc;

@@ -182,6 +182,7 @@ public:
            const char* producer = "<initial>") {
     put(detail::bag_slot{std::move(name), std::move(value), ops, producer});
   }
+  void reserve(std::size_t n) { slots_.reserve(n); }
   void reset_producers() noexcept {
     for (auto& s : slots_) s.producer = "<initial>";
   }

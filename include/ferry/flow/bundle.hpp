@@ -74,6 +74,7 @@
 #include <asio/awaitable.hpp>
 #include <asio/co_spawn.hpp>
 
+#include <array>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -117,7 +118,24 @@ struct types {};
 // What one call of a step's function produced: one value per given key (null: not given),
 // or a whole bag when the function returned one.
 struct step_output {
-  std::vector<std::shared_ptr<const void>> values;
+  // One slot per given key; up to 4 without a heap allocation.
+  class value_slots {
+  public:
+    void resize(std::size_t n) {
+      size_ = n;
+      if (n > inline_.size()) more_.resize(n - inline_.size());
+    }
+    std::size_t size() const noexcept { return size_; }
+    std::shared_ptr<const void>& operator[](std::size_t i) noexcept {
+      return i < inline_.size() ? inline_[i] : more_[i - inline_.size()];
+    }
+
+  private:
+    std::array<std::shared_ptr<const void>, 4> inline_{};
+    std::vector<std::shared_ptr<const void>> more_{};
+    std::size_t size_ = 0;
+  };
+  value_slots values;
   std::optional<bag> dynamic;
 };
 
