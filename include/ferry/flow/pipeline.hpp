@@ -299,10 +299,26 @@ private:
     return it;
   }
 
+  // Under input_mu_. The run completes once every token is back, the input has ended, and
+  // no runner is left: after the completion nothing of this run touches the pool, which the
+  // caller may then stop or destroy.
   bool finished_locked() {
     if (completed_ || free_count_ != items_.size() || !input_done_) return false;
+    {
+      std::lock_guard lock(ready_mu_);  // lock order: input_mu_, then ready_mu_
+      if (runners_ != 0) return false;
+    }
     completed_ = true;
     return true;
+  }
+
+  void check_finished() {
+    bool complete = false;
+    {
+      std::lock_guard lock(input_mu_);
+      complete = finished_locked();
+    }
+    if (complete) finish();
   }
 
   // Sets the stop flag, then empties every serial stage's waiting list. A worker about to
@@ -497,12 +513,17 @@ private:
       item* it = take_ready();
       if (it == nullptr) it = pull();
       if (it == nullptr) {
-        std::lock_guard lock(ready_mu_);
-        if (ready_head_ == nullptr) {
-          --runners_;
-          return;
+        bool exiting = false;
+        {
+          std::lock_guard lock(ready_mu_);
+          if (ready_head_ == nullptr) {
+            --runners_;
+            exiting = true;
+          }
         }
-        continue;
+        if (!exiting) continue;
+        check_finished();  // the last runner out may be what completes the run
+        return;
       }
       drive(it, it->owned);
       if (chains % 16 == 0 && std::chrono::steady_clock::now() >= slice_end) {
