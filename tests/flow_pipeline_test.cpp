@@ -314,3 +314,49 @@ FERRY_TEST_CASE(f11_an_empty_source_completes_at_once) {
   auto op = p.collect(pool, std::vector<int>{});
   BOOST_TEST(run_awaitable(io, std::move(op)).empty());
 }
+
+FERRY_TEST_CASE(f11_a_run_on_a_stopped_pool_completes_with_pool_closed_instead_of_hanging) {
+  asio::io_context io;
+  ferry::thread_pool pool{2};
+  pool.stop();
+  auto p = fl::make_pipeline(fl::parallel([](int) {}));
+  std::exception_ptr failure;
+  bool done = false;
+  p.run(pool, iota_vector(100), {},
+        asio::bind_executor(io, [&](std::exception_ptr e, fl::pipeline_stats) {
+          failure = e;
+          done = true;
+        }));
+  io.run();
+  BOOST_TEST(done);
+  BOOST_TEST(code_of(failure) == ferry::errc::pool_closed);
+}
+
+FERRY_TEST_CASE(f11_a_channel_source_is_read_no_further_than_the_bound_allows) {
+  asio::io_context io;
+  ferry::thread_pool pool{2};
+  constexpr std::size_t channel_size = 4, in_flight = 2;
+  ferry::from_thread_channel<int> ch{io.get_executor(), channel_size};
+  std::atomic<int> put{0}, finished{0}, worst_gap{0};
+  std::thread producer([&] {
+    for (int i = 0; i < 300; ++i) {
+      if (!ch.put(i)) break;
+      ++put;
+    }
+    ch.close();
+  });
+  auto p = fl::make_pipeline(fl::serial_in_order([&](int) {
+    std::this_thread::sleep_for(200us);
+    const int gap = put.load() - finished.load();
+    int w = worst_gap.load();
+    while (gap > w && !worst_gap.compare_exchange_weak(w, gap)) {
+    }
+    ++finished;
+  }));
+  auto op = p.run(pool, ch, {.max_in_flight = in_flight});
+  fl::pipeline_stats st = run_awaitable(io, std::move(op));
+  producer.join();
+  BOOST_TEST(st.items == 300u);
+  // Out of the producer but not finished: the channel, the tokens, one put in progress.
+  BOOST_TEST(worst_gap.load() <= static_cast<int>(channel_size + in_flight + 1));
+}

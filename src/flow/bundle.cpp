@@ -648,37 +648,52 @@ asio::awaitable<node_result> run_par(const detail::node_impl& n, const call_stat
   }
 
   auto st = std::make_shared<join_state>(cs.ex, started.size());
-  for (std::size_t i = 0; i < started.size(); ++i) {
-    asio::co_spawn(cs.ex, run_node(*started[i], cs, visible),
-                   asio::bind_cancellation_slot(
-                       st->signals[i].slot(), [st, i](std::exception_ptr e, node_result r) {
-                         if (e) {
-                           if (!st->first_error) {
-                             st->first_error = e;
-                             st->cancel_all_but(i);
-                           }
-                         } else {
-                           st->results[i] = std::move(r);
-                         }
-                         if (--st->remaining == 0) st->wake.cancel();
-                       }));
-  }
-
   // The branches read `visible` and the step tree: this frame must not end before they do,
   // whatever happens to it. So the wait handles cancellation itself and forwards it.
   const bool throwing = co_await asio::this_coro::throw_if_cancelled();
   co_await asio::this_coro::throw_if_cancelled(false);
+  std::exception_ptr spawn_failure;
+  std::size_t spawned = 0;
+  try {
+    for (; spawned < started.size(); ++spawned) {
+      const std::size_t i = spawned;
+      asio::co_spawn(cs.ex, run_node(*started[i], cs, visible),
+                     asio::bind_cancellation_slot(
+                         st->signals[i].slot(), [st, i](std::exception_ptr e, node_result r) {
+                           if (e) {
+                             if (!st->first_error) {
+                               st->first_error = e;
+                               st->cancel_all_but(i);
+                             }
+                           } else {
+                             st->results[i] = std::move(r);
+                           }
+                           if (--st->remaining == 0) st->wake.cancel();
+                         }));
+    }
+  } catch (...) {
+    // Could not start them all (allocation): stop the ones started, wait for them below.
+    spawn_failure = std::current_exception();
+    st->remaining -= started.size() - spawned;
+    st->cancel_all_but(st->count);
+  }
   bool forwarded = false;
   while (st->remaining != 0) {
-    auto wait = st->wake.async_wait(as_tuple(asio::use_awaitable));
-    co_await std::move(wait);
-    if (st->remaining != 0 && !forwarded) {
+    if (!forwarded) {
+      // A cancellation that came before this wait (or while the branches were starting)
+      // does not wake it: look at the state on every round, including the first.
       asio::cancellation_state cstate = co_await asio::this_coro::cancellation_state;
       if (cstate.cancelled() != asio::cancellation_type::none) {
         forwarded = true;
         st->cancel_all_but(st->count);
       }
     }
+    auto wait = st->wake.async_wait(as_tuple(asio::use_awaitable));
+    co_await std::move(wait);
+  }
+  if (spawn_failure) {
+    co_await asio::this_coro::throw_if_cancelled(throwing);
+    std::rethrow_exception(spawn_failure);
   }
   co_await asio::this_coro::throw_if_cancelled(throwing);
   if (st->first_error) std::rethrow_exception(st->first_error);
@@ -714,16 +729,15 @@ bundle::bundle(node root, bundle_options options)
   if (options_.strict) strict_checker(options_.visible, options_.inputs).run(*root_.impl());
 }
 
-asio::awaitable<bag> bundle::operator()(bag initial) const {
-  return (*this)(std::move(initial), options_.visible);
-}
-
-asio::awaitable<bag> bundle::operator()(bag initial, visibility mode) const {
-  // Everything the call needs is copied into this frame first: the call owns its state.
-  const std::shared_ptr<const detail::node_impl> root = root_.impl();
+namespace {
+// The coroutines behind bundle::operator() and repeat(). They take everything by value: an
+// awaitable starts only when awaited (or spawned), possibly after the bundle object that
+// made it is gone, so nothing may be read through `this` in a frame.
+asio::awaitable<bag> run_call(std::shared_ptr<const detail::node_impl> root, bool strict,
+                              bag initial, visibility mode) {
   initial.reset_producers();
   asio::any_io_executor ex = co_await asio::this_coro::executor;
-  const call_state cs{mode, options_.strict, &initial, std::move(ex)};
+  const call_state cs{mode, strict, &initial, std::move(ex)};
   auto op = run_node(*root, cs, initial);
   node_result r = co_await std::move(op);
   if (!r.ran) co_return initial;
@@ -732,9 +746,8 @@ asio::awaitable<bag> bundle::operator()(bag initial, visibility mode) const {
   co_return visible;
 }
 
-asio::awaitable<std::uint64_t> bundle::repeat(bag initial, repeat_options options) const {
+asio::awaitable<std::uint64_t> run_repeat(bundle self, bag initial, repeat_options options) {
   const asio::any_io_executor ex = co_await asio::this_coro::executor;
-  const bundle self = *this;  // the loop may outlive the caller's bundle object
   std::uint64_t done = 0;
   const auto more = [&] {
     return !options.stop.stop_requested() &&
@@ -744,7 +757,14 @@ asio::awaitable<std::uint64_t> bundle::repeat(bag initial, repeat_options option
     auto op = self(initial);
     (void)co_await std::move(op);
     ++done;
-    if (options.period.count() <= 0 || !more()) continue;
+    if (!more()) break;
+    if (options.period.count() <= 0) {
+      // An iteration may finish without suspending (skipped or immediate steps): go through
+      // the loop's queue, so other handlers (and a cancellation) get their turn.
+      auto yield = asio::post(ex, asio::use_awaitable);
+      co_await std::move(yield);
+      continue;
+    }
     auto timer = std::make_shared<asio::steady_timer>(ex, options.period);
     // The stop token may fire on any thread; the timer belongs to the loop.
     std::stop_callback on_stop(options.stop, [timer, ex] {
@@ -757,6 +777,19 @@ asio::awaitable<std::uint64_t> bundle::repeat(bag initial, repeat_options option
     }
   }
   co_return done;
+}
+}  // namespace
+
+asio::awaitable<bag> bundle::operator()(bag initial) const {
+  return run_call(root_.impl(), options_.strict, std::move(initial), options_.visible);
+}
+
+asio::awaitable<bag> bundle::operator()(bag initial, visibility mode) const {
+  return run_call(root_.impl(), options_.strict, std::move(initial), mode);
+}
+
+asio::awaitable<std::uint64_t> bundle::repeat(bag initial, repeat_options options) const {
+  return run_repeat(*this, std::move(initial), std::move(options));
 }
 
 }  // namespace ferry::flow

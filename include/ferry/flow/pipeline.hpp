@@ -56,6 +56,7 @@
 #include <asio/post.hpp>
 #include <asio/prefer.hpp>
 #include <asio/steady_timer.hpp>
+#include <asio/strand.hpp>
 #include <asio/this_coro.hpp>
 #include <asio/use_awaitable.hpp>
 
@@ -247,23 +248,35 @@ public:
   // Range source: the runners pull.
   void start_pulling() { start_runners(std::min(items_.size(), pool_.size())); }
 
-  // Loop source: the feeder pushes one item; false when it should stop (stopping).
-  // Precondition: acquire_for_feeder() returned an item.
+  // Loop source (the feeder, on its strand): how many items it may read now. Zero while
+  // every token is in flight — then the next released token wakes the feeder — or once
+  // the run is stopping (the feeder checks stopping()).
+  std::size_t room() {
+    std::lock_guard lock(input_mu_);
+    if (stopping_.load(std::memory_order_relaxed)) return 0;
+    if (free_count_ == 0) feeder_waiting_ = true;
+    return free_count_;
+  }
   item* acquire_for_feeder() {
     std::lock_guard lock(input_mu_);
     if (stopping_.load(std::memory_order_relaxed)) return nullptr;
     return take_free_locked();
   }
-  bool has_free_or_stopping() {
-    std::lock_guard lock(input_mu_);
-    if (free_ != nullptr || stopping_.load(std::memory_order_relaxed)) return true;
-    feeder_waiting_ = true;
-    return false;
-  }
   template <class V>
   void feed(item* it, V&& v) {
-    it->value.template emplace<1>(std::forward<V>(v));
+    try {
+      it->value.template emplace<1>(std::forward<V>(v));
+    } catch (...) {
+      give_back(it);  // a throwing move: the token must not be lost
+      throw;
+    }
+    it->seq = feed_seq_++;
     schedule(it, false);
+  }
+  // Items read from a loop source that never got a token (the run stopped meanwhile).
+  void count_discarded(std::size_t n) {
+    std::lock_guard lock(input_mu_);
+    discarded_ += n;
   }
   void feeder_finished() {
     bool complete = false;
@@ -292,7 +305,6 @@ private:
     if (it == nullptr) return nullptr;
     free_ = it->next_free;
     --free_count_;
-    it->seq = next_seq_++;
     it->stage = 0;
     const std::size_t in_flight = items_.size() - free_count_;
     if (in_flight > peak_) peak_ = in_flight;
@@ -349,6 +361,15 @@ private:
     if (complete) finish();
   }
 
+  // Returns a token that never carried an item.
+  void give_back(item* it) noexcept {
+    it->value.template emplace<0>();
+    std::lock_guard lock(input_mu_);
+    it->next_free = free_;
+    free_ = it;
+    ++free_count_;
+  }
+
   // Returns an item's token (finished: it went through every stage; else discarded).
   void release(item* it, bool finished_all) {
     it->value.template emplace<0>();
@@ -374,49 +395,53 @@ private:
     if (complete) finish();
   }
 
-  // Under input_mu_: the next source item in a fresh token, or null (no token, end, stop).
-  item* pull_locked() {
-    if (!pull_ || input_done_ || stopping_.load(std::memory_order_relaxed) || free_ == nullptr) {
-      return nullptr;
+  // The next source item in a fresh token, or null (no token, end of input, stopping). The
+  // token comes from the spin-locked bookkeeping; the read itself, user code that may take
+  // its time, runs under pull_mu_, a plain mutex, which also orders the sequence numbers.
+  item* pull() {
+    item* it = nullptr;
+    {
+      std::lock_guard lock(input_mu_);
+      if (!pull_ || input_done_ || stopping_.load(std::memory_order_relaxed)) return nullptr;
+      it = take_free_locked();
+      if (it == nullptr) return nullptr;
     }
-    item* it = take_free_locked();
     bool got = false;
     std::exception_ptr failure;
-    try {
-      got = pull_([&](auto&& v) { it->value.template emplace<1>(std::forward<decltype(v)>(v)); });
-    } catch (...) {
-      failure = std::current_exception();
+    {
+      std::lock_guard lock(pull_mu_);
+      if (!source_ended_) {
+        try {
+          got = pull_([&](auto&& v) { it->value.template emplace<1>(std::forward<decltype(v)>(v)); });
+        } catch (...) {
+          failure = std::current_exception();
+        }
+        if (got) {
+          it->seq = next_seq_++;
+        } else {
+          source_ended_ = true;
+        }
+      }
     }
-    if (failure) {
-      if (!error_) error_ = std::move(failure);
-      got = false;
-      stopping_.store(true, std::memory_order_release);
-    }
-    if (!got) {
-      input_done_ = true;
-      it->value.template emplace<0>();
+    if (got) return it;
+    it->value.template emplace<0>();
+    bool complete = false;
+    bool failed = false;
+    {
+      std::lock_guard lock(input_mu_);
       it->next_free = free_;
       free_ = it;
       ++free_count_;
-      --next_seq_;
-      return nullptr;
-    }
-    return it;
-  }
-
-  item* pull() {
-    bool complete = false;
-    item* it = nullptr;
-    bool stop_now = false;
-    {
-      std::lock_guard lock(input_mu_);
-      it = pull_locked();
-      stop_now = it == nullptr && error_ && stopping_.load(std::memory_order_relaxed);
+      input_done_ = true;
+      if (failure) {
+        failed = true;
+        if (!error_) error_ = std::move(failure);
+      }
       complete = finished_locked();
     }
-    if (stop_now) stop();
+    if (failed) stop();
     if (complete) finish();
-    return it;
+    return nullptr;
   }
 
   template <std::size_t K>
@@ -467,9 +492,35 @@ private:
     post_runner();
   }
 
+  // A runner as a pool task. A pool that stops before running it calls ferry_abandon:
+  // the run then fails with pool_closed and gives back what nobody will carry on.
+  struct runner_task {
+    std::shared_ptr<pipeline_run> run;
+    void operator()() const { run->runner(); }
+    void ferry_abandon() noexcept { run->runner_abandoned(); }
+  };
+
   void post_runner() {
-    auto self = this->shared_from_this();
-    asio::post(pool_, [self] { self->runner(); });
+    ferry::detail::pool_access::post_abandonable(pool_, runner_task{this->shared_from_this()});
+  }
+
+  void runner_abandoned() noexcept {
+    try {
+      fail(ferry::detail::make_pool_closed_error());
+    } catch (...) {  // only the delivery can throw; nothing is left to tell
+    }
+    std::vector<item*> orphans;
+    {
+      std::lock_guard lock(ready_mu_);
+      --runners_;
+      for (item* it = ready_head_; it != nullptr; it = it->next_ready) orphans.push_back(it);
+      ready_head_ = ready_tail_ = nullptr;
+    }
+    try {
+      for (item* it : orphans) release(it, false);
+      check_finished();
+    } catch (...) {
+    }
   }
 
   // Queues `it` to continue at its stage (`owned`: it already holds that serial stage).
@@ -647,7 +698,10 @@ private:
   std::function<bool(const std::function<void(std::variant_alternative_t<1, Item>&&)>&)> pull_;
   item* free_ = nullptr;
   std::size_t free_count_ = 0;
-  std::uint64_t next_seq_ = 0;
+  std::uint64_t next_seq_ = 0;   // range sources: under pull_mu_
+  std::uint64_t feed_seq_ = 0;   // loop sources: the feeder's own
+  std::mutex pull_mu_;           // serialises reads of a range source
+  bool source_ended_ = false;    // under pull_mu_
   std::uint64_t items_done_ = 0;
   std::uint64_t discarded_ = 0;
   std::size_t peak_ = 0;
@@ -689,34 +743,39 @@ asio::awaitable<std::vector<T>> next_items(from_thread_channel<T>& ch, std::size
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wsubobject-linkage"
 #endif
+// Runs on a strand of the completion's executor: the wake-ups below and this coroutine never
+// run at once, so a wake posted by a worker cannot slip in between room() and the wait.
 template <class Run, class Src>
-asio::awaitable<void> feed(std::shared_ptr<Run> run, Src* src, std::shared_ptr<feeder_state> fs,
-                           std::size_t batch_size) {
+asio::awaitable<void> feed(std::shared_ptr<Run> run, Src* src, std::shared_ptr<feeder_state> fs) {
   co_await asio::this_coro::throw_if_cancelled(false);
   try {
-    bool more = true;
-    while (more && !run->stopping()) {
-      auto op = next_items(*src, batch_size);
+    while (!run->stopping()) {
+      // Read no more than there are free tokens: the bound is the source's back-pressure.
+      const std::size_t room = run->room();
+      if (room == 0) {
+        if (run->stopping()) break;
+        auto wait = fs->wake.async_wait(asio::experimental::as_tuple(asio::use_awaitable));
+        co_await std::move(wait);
+        continue;
+      }
+      auto op = next_items(*src, room);
       auto batch = co_await std::move(op);
       if (batch.empty()) break;
+      std::size_t fed = 0;
       for (auto& v : batch) {
         auto* it = run->acquire_for_feeder();
-        while (it == nullptr && !run->stopping()) {
-          if (!run->has_free_or_stopping()) {
-            auto wait = fs->wake.async_wait(asio::experimental::as_tuple(asio::use_awaitable));
-            co_await std::move(wait);
-          }
-          it = run->acquire_for_feeder();
-        }
-        if (it == nullptr) {
-          more = false;
-          break;
-        }
+        if (it == nullptr) break;  // stopping
         run->feed(it, std::move(v));
+        ++fed;
+      }
+      if (fed != batch.size()) {
+        run->count_discarded(batch.size() - fed);
+        break;
       }
     }
   } catch (...) {
-    if (!run->stopping()) run->fail(std::current_exception());
+    std::exception_ptr failure = std::current_exception();
+    if (!run->stopping()) run->fail(std::move(failure));
   }
   run->feeder_finished();
 }
@@ -759,12 +818,24 @@ auto launch_pipeline(thread_pool* pool, Stages stages, const std::array<stage_mo
     auto work = asio::prefer(ex, asio::execution::outstanding_work.tracked);
     auto h = std::make_shared<std::optional<handler_t>>(std::move(handler));
     run->on_done([h, work](std::exception_ptr e, pipeline_stats stats) {
-      asio::post(work, [h, e = std::move(e), stats]() mutable {
+      // The outcome travels in a shared box: whichever thread drops the last reference,
+      // the exception inside is released after a synchronising reference-count update.
+      struct outcome {
+        std::exception_ptr error;
+        pipeline_stats stats;
+      };
+      auto box = std::make_shared<outcome>(outcome{std::move(e), stats});
+      auto deliver = [h, box] {
         handler_t done = std::move(**h);
         h->reset();
         asio::get_associated_cancellation_slot(done).clear();
-        std::move(done)(std::move(e), stats);
-      });
+        std::move(done)(std::move(box->error), box->stats);
+      };
+      try {
+        asio::post(work, deliver);
+      } catch (...) {
+        deliver();  // the handler's executor refuses work (a stopped pool): deliver here
+      }
     });
     if (slot.is_connected()) {
       std::weak_ptr<run_t> weak = run;
@@ -772,23 +843,32 @@ auto launch_pipeline(thread_pool* pool, Stages stages, const std::array<stage_mo
         if (auto r = weak.lock()) r->fail(make_pipeline_aborted());
       });
     }
-    if constexpr (from_loop) {
-      auto fs = std::make_shared<feeder_state>(ex);
-      const asio::any_io_executor& loop = ex;
-      run->set_feeder_wake([fs, loop, weak = std::weak_ptr<run_t>(run)] {
-        asio::post(loop, [fs, weak] {
-          fs->wake.cancel();
-          auto r = weak.lock();
-          if (r && r->stopping()) fs->cancel.emit(asio::cancellation_type::terminal);
+    // The handler is owned by the run from here on: nothing below may throw past this
+    // point (an initiation that throws after taking the handler would lose it), so a
+    // failure to start is delivered as the run's outcome.
+    try {
+      if constexpr (from_loop) {
+        asio::any_io_executor strand = asio::make_strand(ex);
+        auto fs = std::make_shared<feeder_state>(strand);
+        run->set_feeder_wake([fs, strand, weak = std::weak_ptr<run_t>(run)] {
+          asio::post(strand, [fs, weak] {
+            fs->wake.cancel();
+            auto r = weak.lock();
+            if (r && r->stopping()) fs->cancel.emit(asio::cancellation_type::terminal);
+          });
         });
-      });
-      asio::co_spawn(loop, feed(run, src, fs, cap),
-                     asio::bind_cancellation_slot(fs->cancel.slot(), [fs](std::exception_ptr) {}));
-    } else {
-      using view_t = decltype(src);
-      auto rs = std::make_shared<range_source<view_t>>(range_source<view_t>{std::move(src), {}, false});
-      run->set_pull([rs](const auto& put) { return rs->pull(put); });
-      run->start_pulling();
+        asio::co_spawn(strand, feed(run, src, fs),
+                       asio::bind_cancellation_slot(fs->cancel.slot(), [fs](std::exception_ptr) {}));
+      } else {
+        using view_t = decltype(src);
+        auto rs = std::make_shared<range_source<view_t>>(range_source<view_t>{std::move(src), {}, false});
+        run->set_pull([rs](const auto& put) { return rs->pull(put); });
+        run->start_pulling();
+      }
+    } catch (...) {
+      std::exception_ptr failure = std::current_exception();
+      run->fail(std::move(failure));
+      run->feeder_finished();  // no input will come; completes once nothing is in flight
     }
   };
   // The source travels as a pointer (loop sources) or a view (ranges: a ref_view of an
