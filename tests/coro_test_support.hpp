@@ -40,6 +40,17 @@ std::error_code error_of(F&& f) {
   return {};
 }
 
+// The error code an exception_ptr carries (a default-constructed code if none).
+inline std::error_code code_of(const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::system_error& s) {
+    return s.code();
+  } catch (...) {
+  }
+  return {};
+}
+
 inline std::string message_of(const std::exception_ptr& e) {
   try {
     std::rethrow_exception(e);

@@ -35,6 +35,7 @@ namespace fl = ferry::flow;
 
 using ferry_test::contains;
 using ferry_test::error_of;
+using ferry_test::code_of;
 using ferry_test::message_of;
 using ferry_test::run;
 
@@ -81,16 +82,6 @@ std::exception_ptr failure_of(asio::io_context& io, const fl::bundle& f, fl::bag
     return std::current_exception();
   }
   return nullptr;
-}
-
-std::error_code code_of(const std::exception_ptr& e) {
-  try {
-    std::rethrow_exception(e);
-  } catch (const std::system_error& s) {
-    return s.code();
-  } catch (...) {
-  }
-  return {};
 }
 
 struct custom_failure : std::runtime_error {

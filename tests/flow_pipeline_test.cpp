@@ -33,6 +33,7 @@
 
 using namespace std::chrono_literals;
 namespace fl = ferry::flow;
+using ferry_test::code_of;
 using ferry_test::message_of;
 
 namespace {
@@ -60,16 +61,6 @@ void spin_for(std::chrono::microseconds us) {
   const auto until = std::chrono::steady_clock::now() + us;
   while (std::chrono::steady_clock::now() < until) {
   }
-}
-
-std::error_code code_of(const std::exception_ptr& e) {
-  try {
-    std::rethrow_exception(e);
-  } catch (const std::system_error& s) {
-    return s.code();
-  } catch (...) {
-  }
-  return {};
 }
 
 template <class T>
