@@ -3,6 +3,7 @@
 
 #include <ferry/flow/bundle.hpp>
 #include <ferry/thread_pool.hpp>
+#include <ferry/threaded_iterable.hpp>
 
 #include <asio/bind_cancellation_slot.hpp>
 #include <asio/cancellation_signal.hpp>
@@ -14,6 +15,7 @@
 #include <asio/use_awaitable.hpp>
 #include <asio/use_future.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <memory>
@@ -741,4 +743,126 @@ FERRY_TEST_CASE(repeat_of_steps_that_never_suspend_still_yields_to_the_loop_and_
   BOOST_TEST(timer_ran);
   BOOST_TEST(result == asio::error::operation_aborted);
   BOOST_TEST(runs > 1u);
+}
+
+// --- F11: a flow fed a stream -----------------------------------------------------------------
+
+FERRY_TEST_CASE(f11_stream_keeps_at_most_max_in_flight_calls_and_delivers_in_source_order) {
+  asio::io_context io;
+  int running = 0, peak = 0;
+  auto slow = fl::step("slow", fl::needs(a), fl::gives(b), [&](int v) -> asio::awaitable<int> {
+    peak = std::max(peak, ++running);
+    co_await sleep_for(std::chrono::milliseconds((v * 7) % 5));  // later items often finish first
+    --running;
+    co_return v * 10;
+  });
+  fl::bundle f{slow};
+  std::vector<fl::bag> input;
+  for (int i = 0; i < 60; ++i) input.push_back(fl::bag{a(i)});
+  std::vector<int> got;
+  auto body = [&]() -> asio::awaitable<std::uint64_t> {
+    auto op = f.stream(input, [&](fl::bag out) { got.push_back(out.at(b)); }, {.max_in_flight = 4});
+    co_return co_await std::move(op);
+  };
+  std::uint64_t n = 0;
+  asio::co_spawn(io, body(), [&](std::exception_ptr e, std::uint64_t count) {
+    if (e) std::rethrow_exception(e);
+    n = count;
+  });
+  io.run();
+  BOOST_TEST(n == 60u);
+  BOOST_TEST(peak == 4);  // reached, never exceeded
+  BOOST_REQUIRE(got.size() == 60u);
+  for (std::size_t i = 0; i < got.size(); ++i) BOOST_TEST_REQUIRE(got[i] == static_cast<int>(10 * i));
+}
+
+FERRY_TEST_CASE(f11_unordered_stream_delivers_every_result_as_it_finishes) {
+  asio::io_context io;
+  fl::bundle f{fl::step("jitter", fl::needs(a), fl::gives(b), [](int v) -> asio::awaitable<int> {
+    co_await sleep_for(std::chrono::milliseconds(v % 2 == 0 ? 40 : 1));
+    co_return v;
+  })};
+  std::vector<fl::bag> input;
+  for (int i = 0; i < 20; ++i) input.push_back(fl::bag{a(i)});
+  std::vector<int> got;
+  auto body = [&]() -> asio::awaitable<std::uint64_t> {
+    auto op = f.stream(input, [&](fl::bag out) { got.push_back(out.at(b)); },
+                       {.max_in_flight = 20, .ordered = false});
+    co_return co_await std::move(op);
+  };
+  asio::co_spawn(io, body(), [](std::exception_ptr e, std::uint64_t) {
+    if (e) std::rethrow_exception(e);
+  });
+  io.run();
+  BOOST_REQUIRE(got.size() == 20u);
+  BOOST_TEST(got.front() % 2 == 1);  // a fast (odd) one came first
+  std::vector<int> sorted = got;
+  std::sort(sorted.begin(), sorted.end());
+  for (std::size_t i = 0; i < sorted.size(); ++i) BOOST_TEST(sorted[i] == static_cast<int>(i));
+}
+
+FERRY_TEST_CASE(f11_a_failing_call_stops_the_stream_and_cancels_the_calls_in_flight) {
+  asio::io_context io;
+  int aborted = 0, started = 0;
+  fl::bundle f{fl::step("maybe", fl::needs(a), fl::gives(b), [&](int v) -> asio::awaitable<int> {
+    ++started;
+    if (v == 3) throw custom_failure(v);
+    try {
+      co_await sleep_for(20s);
+    } catch (const std::system_error&) {
+      ++aborted;
+      throw;
+    }
+    co_return v;
+  })};
+  std::vector<fl::bag> input;
+  for (int i = 0; i < 100; ++i) input.push_back(fl::bag{a(i)});
+  std::exception_ptr failure;
+  auto body = [&]() -> asio::awaitable<std::uint64_t> {
+    auto op = f.stream(input, [](fl::bag) {}, {.max_in_flight = 4});
+    co_return co_await std::move(op);
+  };
+  asio::co_spawn(io, body(), [&](std::exception_ptr e, std::uint64_t) { failure = e; });
+  const auto t0 = std::chrono::steady_clock::now();
+  io.run();
+  BOOST_TEST((std::chrono::steady_clock::now() - t0 < 10s));
+  BOOST_REQUIRE(failure);
+  BOOST_CHECK_THROW(std::rethrow_exception(failure), custom_failure);
+  BOOST_TEST(started == 4);  // nothing read after the failure
+  BOOST_TEST(aborted == 3);  // the three others in flight were cancelled
+}
+
+FERRY_TEST_CASE(f11_a_threaded_iterator_of_bags_feeds_a_bundle) {
+  asio::io_context io;
+  auto bags = ferry::threaded_iterable([](ferry::sink<fl::bag>& out) {
+    for (int i = 0; i < 50; ++i) {
+      if (!out(fl::bag{a(i)})) return;
+    }
+  });
+  fl::bundle f{fl::step("square", fl::needs(a), fl::gives(b), [](int v) { return v * v; })};
+  std::vector<int> got;
+  auto body = [&]() -> asio::awaitable<std::uint64_t> {
+    auto it = bags();
+    auto op = f.stream(it, [&](fl::bag out) { got.push_back(out.at(b)); }, {.max_in_flight = 8});
+    co_return co_await std::move(op);
+  };
+  asio::co_spawn(io, body(), [](std::exception_ptr e, std::uint64_t) {
+    if (e) std::rethrow_exception(e);
+  });
+  io.run();
+  BOOST_REQUIRE(got.size() == 50u);
+  for (std::size_t i = 0; i < got.size(); ++i) BOOST_TEST_REQUIRE(got[i] == static_cast<int>(i * i));
+}
+
+FERRY_TEST_CASE(f11_stream_refuses_a_zero_bound) {
+  asio::io_context io;
+  fl::bundle f{fl::step("noop", [] {})};
+  std::error_code code;
+  auto body = [&]() -> asio::awaitable<std::uint64_t> {
+    auto op = f.stream(std::vector<fl::bag>{}, [](fl::bag) {}, {.max_in_flight = 0});
+    co_return co_await std::move(op);
+  };
+  asio::co_spawn(io, body(), [&](std::exception_ptr e, std::uint64_t) { code = code_of(e); });
+  io.run();
+  BOOST_TEST(code == ferry::errc::invalid_argument);
 }

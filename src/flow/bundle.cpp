@@ -780,6 +780,136 @@ asio::awaitable<std::uint64_t> run_repeat(bundle self, bag initial, repeat_optio
 }
 }  // namespace
 
+// --- stream -----------------------------------------------------------------------------------
+
+namespace {
+// The calls of one stream. They and the streaming coroutine run on one executor (one
+// handler at a time), so plain fields are enough.
+struct stream_state {
+  explicit stream_state(const asio::any_io_executor& ex)
+      : wake(ex, asio::steady_timer::time_point::max()) {}
+  asio::steady_timer wake;
+  std::map<std::uint64_t, bag> done;  // results not yet handed to the sink
+  std::map<std::uint64_t, std::unique_ptr<asio::cancellation_signal>> running;
+  std::vector<std::uint64_t> finished;  // calls whose signal can go
+  std::size_t in_flight = 0;
+  std::exception_ptr error;
+
+  void cancel_all() {
+    for (auto& [seq, sig] : running) sig->emit(asio::cancellation_type::terminal);
+  }
+  void fail(std::exception_ptr e) {
+    if (!error) {
+      error = std::move(e);
+      cancel_all();
+    }
+  }
+};
+
+asio::awaitable<std::uint64_t> run_stream(bundle self, bag_source next, bag_sink sink,
+                                          stream_options options) {
+  if (options.max_in_flight == 0) {
+    throw ferry::error(ferry::errc::invalid_argument,
+                       "flow::bundle::stream: max_in_flight must be > 0");
+  }
+  const asio::any_io_executor ex = co_await asio::this_coro::executor;
+  auto st = std::make_shared<stream_state>(ex);
+  // Like par: the calls use this frame's sink and state, so it ends only after them.
+  const bool throwing = co_await asio::this_coro::throw_if_cancelled();
+  co_await asio::this_coro::throw_if_cancelled(false);
+  std::uint64_t next_seq = 0, deliver_seq = 0, delivered = 0;
+  bool source_done = false, cancelled = false;
+
+  const auto hand_over = [&] {
+    try {
+      if (options.ordered) {
+        for (auto it = st->done.find(deliver_seq); it != st->done.end(); it = st->done.find(deliver_seq)) {
+          bag out = std::move(it->second);
+          st->done.erase(it);
+          ++deliver_seq;
+          sink(std::move(out));
+          ++delivered;
+        }
+      } else {
+        while (!st->done.empty()) {
+          bag out = std::move(st->done.begin()->second);
+          st->done.erase(st->done.begin());
+          sink(std::move(out));
+          ++delivered;
+        }
+      }
+    } catch (...) {
+      st->fail(std::current_exception());
+    }
+  };
+
+  for (;;) {
+    while (!source_done && !st->error && !cancelled && st->in_flight < options.max_in_flight) {
+      std::optional<bag> item;
+      std::exception_ptr pull_error;
+      try {
+        auto op = next();
+        item = co_await std::move(op);
+      } catch (...) {
+        pull_error = std::current_exception();
+      }
+      if (pull_error) {
+        st->fail(std::move(pull_error));
+        break;
+      }
+      if (!item) {
+        source_done = true;
+        break;
+      }
+      const std::uint64_t seq = next_seq++;
+      auto signal = std::make_unique<asio::cancellation_signal>();
+      asio::cancellation_slot slot = signal->slot();
+      st->running.emplace(seq, std::move(signal));
+      ++st->in_flight;
+      asio::co_spawn(ex, self(std::move(*item)),
+                     asio::bind_cancellation_slot(slot, [st, seq](std::exception_ptr e, bag out) {
+                       --st->in_flight;
+                       st->finished.push_back(seq);
+                       if (e) {
+                         st->fail(std::move(e));
+                       } else {
+                         st->done.emplace(seq, std::move(out));
+                       }
+                       st->wake.cancel();
+                     }));
+    }
+    for (std::uint64_t seq : st->finished) st->running.erase(seq);
+    st->finished.clear();
+    if (!st->error) hand_over();
+    if (st->in_flight == 0 && (source_done || st->error || cancelled)) break;
+    if (st->in_flight < options.max_in_flight && !source_done && !st->error && !cancelled) continue;
+    if (!cancelled) {
+      asio::cancellation_state cstate = co_await asio::this_coro::cancellation_state;
+      if (cstate.cancelled() != asio::cancellation_type::none) {
+        cancelled = true;
+        st->cancel_all();
+      }
+    }
+    if (st->in_flight == 0) continue;
+    auto wait = st->wake.async_wait(as_tuple(asio::use_awaitable));
+    co_await std::move(wait);
+  }
+  co_await asio::this_coro::throw_if_cancelled(throwing);
+  if (st->error) std::rethrow_exception(st->error);
+  if (cancelled) throw std::system_error(asio::error::operation_aborted, "flow::bundle::stream cancelled");
+  co_return delivered;
+}
+}  // namespace
+
+namespace detail {
+asio::awaitable<std::optional<bag>> ready_bag(std::optional<bag> b) { co_return b; }
+}  // namespace detail
+
+asio::awaitable<std::uint64_t> bundle::stream(bag_source source, bag_sink sink,
+                                              stream_options options) const {
+  return run_stream(*this, std::move(source), std::move(sink), options);
+}
+
 asio::awaitable<bag> bundle::operator()(bag initial) const {
   return run_call(root_.impl(), options_.strict, std::move(initial), options_.visible);
 }

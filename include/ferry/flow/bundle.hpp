@@ -81,6 +81,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <ranges>
 #include <stop_token>
 #include <string>
 #include <tuple>
@@ -408,6 +409,38 @@ struct bundle_options {
   std::vector<key_spec> inputs = {};
 };
 
+// How bundle::stream feeds a flow from a stream of bags.
+struct stream_options {
+  std::size_t max_in_flight = 16;  // calls running at once (> 0)
+  bool ordered = true;             // results reach the sink in source order
+};
+
+// A stream of bags for bundle::stream: the next one, or nullopt at the end.
+using bag_source = std::function<asio::awaitable<std::optional<bag>>()>;
+// Where bundle::stream hands each call's result, on the calling coroutine's executor.
+using bag_sink = std::function<void(bag)>;
+
+namespace detail {
+asio::awaitable<std::optional<bag>> ready_bag(std::optional<bag> b);
+
+template <class View>
+struct bag_range {
+  View view;
+  std::ranges::iterator_t<View> cur;
+  bool started = false;
+  std::optional<bag> next() {
+    if (!started) {
+      cur = std::ranges::begin(view);
+      started = true;
+    }
+    if (cur == std::ranges::end(view)) return std::nullopt;
+    std::optional<bag> b{bag(*cur)};
+    ++cur;
+    return b;
+  }
+};
+}  // namespace detail
+
 struct repeat_options {
   std::chrono::nanoseconds period{0};  // a pause between iterations
   std::stop_token stop = {};           // ends the loop between iterations / in the pause
@@ -431,6 +464,33 @@ public:
 
   // Runs the flow again and again with the same initial values; see F8 above.
   asio::awaitable<std::uint64_t> repeat(bag initial, repeat_options options = {}) const;
+
+  // Runs the flow once per bag of `source`, with at most options.max_in_flight calls at
+  // once (the source is not read further until one finishes), handing every result to
+  // `sink` — in source order when options.ordered, else as they finish. Returns the number
+  // of results delivered. The first failure (of a call, the source or the sink) cancels
+  // the calls still running and is rethrown once they have stopped; cancelling the stream
+  // does the same with operation_aborted. Sources: a bag_source, an input range of bags
+  // (read on the loop), or anything with `next()` returning
+  // asio::awaitable<std::optional<bag>> — a ferry::threaded_iterator<bag>.
+  asio::awaitable<std::uint64_t> stream(bag_source source, bag_sink sink,
+                                        stream_options options = {}) const;
+  template <std::ranges::input_range R>
+    requires std::constructible_from<bag, std::ranges::range_reference_t<R>>
+  asio::awaitable<std::uint64_t> stream(R&& source, bag_sink sink, stream_options options = {}) const {
+    using view_t = std::views::all_t<R>;
+    auto range = std::make_shared<detail::bag_range<view_t>>(
+        detail::bag_range<view_t>{std::views::all(std::forward<R>(source)), {}, false});
+    return stream(bag_source([range] { return detail::ready_bag(range->next()); }),
+                  std::move(sink), options);
+  }
+  template <class Iterator>
+    requires(!std::ranges::input_range<Iterator> &&
+             std::same_as<decltype(std::declval<Iterator&>().next()),
+                          asio::awaitable<std::optional<bag>>>)
+  asio::awaitable<std::uint64_t> stream(Iterator& source, bag_sink sink, stream_options options = {}) const {
+    return stream(bag_source([&source] { return source.next(); }), std::move(sink), options);
+  }
 
   const bundle_options& options() const noexcept { return options_; }
   const node& root() const noexcept { return root_; }
