@@ -43,10 +43,27 @@ public:
       case errc::never_runs: return "step can never run";
       case errc::invalid_mapping: return "invalid key mapping";
       case errc::undeclared_output: return "undeclared output key";
+      case errc::unhandled_error_event: return "error event without a handler";
+      case errc::failure_threshold: return "consecutive failure threshold reached";
+      case errc::http_error: return "HTTP request failed";
+      case errc::connection_failed: return "connection failed";
+      case errc::handler_stopped: return "message handler stopped";
+      case errc::no_source: return "manager has no source";
     }
     return "unknown ferry.flow error";
   }
 };
+
+std::string what_of(const std::exception_ptr& e) {
+  if (!e) return "no exception";
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::exception& x) {
+    return x.what();
+  } catch (...) {
+    return "unknown exception";
+  }
+}
 
 std::string teardown_message(const std::vector<std::exception_ptr>& errors) {
   std::string msg = std::to_string(errors.size()) + " teardown callback(s) failed:";
@@ -84,5 +101,13 @@ std::string type_name(std::type_index t) { return demangle(t.name()); }
 teardown_error::teardown_error(std::vector<std::exception_ptr> exceptions)
     : ferry::error(make_error_code(errc::teardown_failed), teardown_message(exceptions)),
       exceptions_(std::move(exceptions)) {}
+
+unhandled_error_event::unhandled_error_event(std::string port, std::exception_ptr cause)
+    : ferry::error(make_error_code(errc::unhandled_error_event),
+                   "error event on '" + port + "' has no handler: " + what_of(cause)),
+      port_(std::move(port)),
+      cause_(std::move(cause)) {}
+
+std::string describe_exception(const std::exception_ptr& e) { return what_of(e); }
 
 }  // namespace ferry::flow

@@ -45,6 +45,13 @@ enum class errc {
   never_runs,             // strict: a step whose needs nothing before it can give
   invalid_mapping,        // map_input / map_output / bind naming a key the step lacks
   undeclared_output,      // a step's bag result holds a key it did not declare
+  // processors, sources and the supervisor
+  unhandled_error_event,  // an "error" port emitted with no handler connected
+  failure_threshold,      // a source's consecutive failures reached its threshold
+  http_error,             // an HTTP request failed (connection, parse, or a non-2xx status)
+  connection_failed,      // a stream source gave up reconnecting after its failure limit
+  handler_stopped,        // a message handler refused a publish after stop()
+  no_source,              // a manager run without a source
 };
 
 const std::error_category& error_category() noexcept;
@@ -56,6 +63,9 @@ inline std::error_code make_error_code(errc e) noexcept {
 // The readable (demangled) name of a type, for messages.
 std::string type_name(const std::type_info& t);
 std::string type_name(std::type_index t);
+
+// what() of the exception `e` holds ("unknown exception" for a non-std one), for messages.
+std::string describe_exception(const std::exception_ptr& e);
 
 class resource_conflict : public ferry::error {
 public:
@@ -124,6 +134,19 @@ private:
   std::string key_;
   std::string first_;
   std::string second_;
+};
+
+// emit(port, e) on a port named "error" with no handler connected (A3): the error would
+// otherwise be lost. cause() is the exception that was emitted.
+class unhandled_error_event : public ferry::error {
+public:
+  unhandled_error_event(std::string port, std::exception_ptr cause);
+  const std::string& port() const noexcept { return port_; }
+  const std::exception_ptr& cause() const noexcept { return cause_; }
+
+private:
+  std::string port_;
+  std::exception_ptr cause_;
 };
 
 class input;

@@ -1,0 +1,581 @@
+// Message handlers (inline and queued), ports and processors: include/ferry/flow/processor.hpp.
+#include <ferry/flow/processor.hpp>
+#include <ferry/flow/supervisor.hpp>
+
+#include <asio/co_spawn.hpp>
+#include <asio/detached.hpp>
+#include <asio/post.hpp>
+#include <asio/use_awaitable.hpp>
+
+#include <algorithm>
+#include <deque>
+#include <iostream>
+#include <unordered_map>
+
+namespace ferry::flow {
+
+using subscriber_list = std::vector<std::shared_ptr<subscriber>>;
+
+// --- subscriber ------------------------------------------------------------------------------
+// enter()/leave() and close() are a Dekker hand-shake of seq_cst operations: a delivery
+// first counts itself in flight, then looks at `closed`; close() first sets `closed`, then
+// looks at the count. Whichever comes second in the total order sees the other, so either
+// the delivery backs off or close() waits for it.
+namespace {
+bool enter(subscriber& s) {
+  s.in_flight.fetch_add(1, std::memory_order_seq_cst);
+  if (s.closed.load(std::memory_order_seq_cst)) {
+    if (s.in_flight.fetch_sub(1, std::memory_order_seq_cst) == 1) s.idle.wake_all();
+    return false;
+  }
+  return true;
+}
+
+void leave(subscriber& s) {
+  if (s.in_flight.fetch_sub(1, std::memory_order_seq_cst) == 1) s.idle.wake_all();
+}
+
+template <class Ready>
+asio::awaitable<void> wait_on(ferry::detail::loop_waiters& waiters, std::shared_ptr<const void> keep,
+                              Ready ready) {
+  while (!ready()) {
+    auto op = ferry::detail::async_wait_until(waiters, keep, ready, std::nullopt, asio::use_awaitable);
+    co_await std::move(op);
+  }
+}
+}  // namespace
+
+asio::awaitable<std::exception_ptr> subscriber::run(const void* payload) {
+  if (!enter(*this)) co_return nullptr;
+  std::exception_ptr failure;
+  try {
+    if (deliver) {
+      deliver(payload);
+    } else {
+      auto op = deliver_async(payload);
+      co_await std::move(op);
+    }
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  leave(*this);
+  co_return failure;
+}
+
+asio::awaitable<void> subscriber::close() {
+  closed.store(true, std::memory_order_seq_cst);
+  ferry::detail::loop_waiters& waiters = idle;
+  std::atomic<int>& count = in_flight;
+  auto op = wait_on(waiters, nullptr, [&count] { return count.load(std::memory_order_seq_cst) == 0; });
+  co_await std::move(op);
+}
+
+namespace detail {
+
+// One topic of an in-process handler. Fields marked (mu) are guarded by the core's mutex.
+struct topic_impl final : topic {
+  topic_impl(std::string name, std::type_index type) : topic(std::move(name), type) {}
+  std::shared_ptr<const subscriber_list> subs = std::make_shared<const subscriber_list>();  // (mu)
+  std::deque<std::shared_ptr<const void>> queue;  // (mu) queued handler: not yet taken
+  bool consumer_running = false;                  // (mu)
+  // Queued: published, not yet acknowledged (queued + being delivered). Inline: publishes
+  // running. seq_cst: the room and idle waiters read it (see loop_waiters.hpp).
+  std::atomic<std::size_t> unacked{0};
+  ferry::detail::loop_waiters room;  // publishers waiting for unacked < capacity
+};
+
+class handler_core : public std::enable_shared_from_this<handler_core> {
+public:
+  mutable std::mutex mu;
+  std::unordered_map<std::string, std::shared_ptr<topic_impl>> topics;  // (mu)
+  std::exception_ptr kept;                                              // (mu)
+  ferry::detail::loop_waiters idle;  // drain(): woken whenever a message is acknowledged
+  // Queued handler only.
+  std::optional<asio::strand<asio::any_io_executor>> strand;
+  std::size_t capacity = 0;
+  std::atomic<bool> stopped{false};
+  std::atomic<std::uint64_t> published{0};
+  std::atomic<std::uint64_t> acknowledged{0};
+  std::atomic<std::uint64_t> waits{0};
+  std::atomic<std::size_t> pending{0};
+
+  std::shared_ptr<topic> open(const std::string& name, std::type_index type) {
+    std::lock_guard lock(mu);
+    auto it = topics.find(name);
+    if (it != topics.end()) {
+      if (it->second->payload_type() != type) {
+        throw ferry::error(make_error_code(errc::type_mismatch),
+                           "topic '" + name + "' carries " + type_name(it->second->payload_type()) +
+                               ", not " + type_name(type));
+      }
+      return it->second;
+    }
+    auto t = std::make_shared<topic_impl>(name, type);
+    topics.emplace(name, t);
+    return t;
+  }
+
+  // Adds `s`, dropping subscribers closed meanwhile. True if a parked queue should restart.
+  bool add(topic_impl& t, std::shared_ptr<subscriber> s) {
+    std::lock_guard lock(mu);
+    auto next = std::make_shared<subscriber_list>();
+    for (const auto& old : *t.subs) {
+      if (!old->closed.load(std::memory_order_relaxed)) next->push_back(old);
+    }
+    next->push_back(std::move(s));
+    t.subs = std::move(next);
+    if (strand && !t.queue.empty() && !t.consumer_running) {
+      t.consumer_running = true;
+      return true;
+    }
+    return false;
+  }
+
+  void remove(topic_impl& t, const std::shared_ptr<subscriber>& s) {
+    std::lock_guard lock(mu);
+    auto next = std::make_shared<subscriber_list>();
+    for (const auto& old : *t.subs) {
+      if (old != s && !old->closed.load(std::memory_order_relaxed)) next->push_back(old);
+    }
+    t.subs = std::move(next);
+  }
+
+  // A subscriber's exception: its error path, else kept for the emitter / drain().
+  void failed(const subscriber& s, std::exception_ptr e, std::exception_ptr* first) {
+    if (s.on_error) {
+      s.on_error(std::move(e));
+    } else if (first) {
+      if (!*first) *first = std::move(e);
+    } else {
+      std::lock_guard lock(mu);
+      if (!kept) kept = std::move(e);
+    }
+  }
+
+  std::exception_ptr take_kept() {
+    std::lock_guard lock(mu);
+    return std::exchange(kept, nullptr);
+  }
+
+  bool topic_idle(const topic_impl& t) const {
+    // (mu held)
+    bool listened = false;
+    for (const auto& s : *t.subs) {
+      if (!s->closed.load(std::memory_order_relaxed)) listened = true;
+    }
+    if (!listened && !t.consumer_running) return true;  // parked: nobody to deliver to
+    return t.queue.empty() && t.unacked.load(std::memory_order_seq_cst) == 0;
+  }
+
+  bool all_idle() const {
+    std::lock_guard lock(mu);
+    for (const auto& [name, t] : topics) {
+      if (!topic_idle(*t)) return false;
+    }
+    return true;
+  }
+
+  bool one_idle(const topic_impl& t) const {
+    std::lock_guard lock(mu);
+    return topic_idle(t);
+  }
+
+  // Posted, never dispatched: a publisher must not find itself delivering (emit returns
+  // first, A2), even when it runs on the thread that would run the strand.
+  void start_consumer(const std::shared_ptr<topic_impl>& t) {
+    asio::post(*strand, [core = shared_from_this(), t] {
+      asio::co_spawn(*core->strand, consume(core, t), asio::detached);
+    });
+  }
+
+  // The consumer of one topic, on the strand: takes messages in order and delivers each
+  // to every open subscriber, awaiting coroutine handlers; acknowledges it afterwards.
+  static asio::awaitable<void> consume(std::shared_ptr<handler_core> core,
+                                       std::shared_ptr<topic_impl> t) {
+    for (;;) {
+      std::shared_ptr<const void> msg;
+      std::shared_ptr<const subscriber_list> subs;
+      {
+        std::lock_guard lock(core->mu);
+        bool listened = false;
+        for (const auto& s : *t->subs) {
+          if (!s->closed.load(std::memory_order_relaxed)) listened = true;
+        }
+        if (t->queue.empty() || !listened) {
+          t->consumer_running = false;
+          break;
+        }
+        msg = std::move(t->queue.front());
+        t->queue.pop_front();
+        subs = t->subs;
+      }
+      bool delivered = false;
+      for (const auto& s : *subs) {
+        if (!enter(*s)) continue;
+        delivered = true;
+        std::exception_ptr failure;
+        if (s->deliver) {
+          try {
+            s->deliver(msg.get());
+          } catch (...) {
+            failure = std::current_exception();
+          }
+        } else {
+          try {
+            auto op = s->deliver_async(msg.get());
+            co_await std::move(op);
+          } catch (...) {
+            failure = std::current_exception();
+          }
+        }
+        leave(*s);
+        if (failure) core->failed(*s, std::move(failure), nullptr);
+      }
+      if (!delivered) {
+        // Every subscriber closed under us: the message goes back to the front and waits
+        // for the next one, unacknowledged (nothing is dropped).
+        std::lock_guard lock(core->mu);
+        t->queue.push_front(std::move(msg));
+        continue;
+      }
+      msg.reset();
+      t->unacked.fetch_sub(1, std::memory_order_seq_cst);
+      core->pending.fetch_sub(1, std::memory_order_relaxed);
+      core->acknowledged.fetch_add(1, std::memory_order_relaxed);
+      t->room.wake_all();
+      core->idle.wake_all();
+    }
+    core->idle.wake_all();
+  }
+};
+
+}  // namespace detail
+
+namespace {
+detail::topic_impl& impl_of(const std::shared_ptr<topic>& t) {
+  return static_cast<detail::topic_impl&>(*t);
+}
+
+asio::awaitable<void> unsubscribe_from(detail::handler_core& core, const std::shared_ptr<topic>& t,
+                                       std::shared_ptr<subscriber> s) {
+  core.remove(impl_of(t), s);
+  auto op = s->close();
+  co_await std::move(op);
+}
+
+asio::awaitable<void> drain_all(std::shared_ptr<detail::handler_core> core) {
+  auto op = wait_on(core->idle, core, [c = core.get()] { return c->all_idle(); });
+  co_await std::move(op);
+  if (auto e = core->take_kept()) std::rethrow_exception(e);
+}
+
+asio::awaitable<void> drain_one(std::shared_ptr<detail::handler_core> core, std::shared_ptr<topic> t) {
+  auto op = wait_on(core->idle, t, [c = core.get(), &ti = impl_of(t)] { return c->one_idle(ti); });
+  co_await std::move(op);
+}
+}  // namespace
+
+// --- inline_handler --------------------------------------------------------------------------
+inline_handler::inline_handler() : core_(std::make_shared<detail::handler_core>()) {}
+inline_handler::~inline_handler() = default;
+
+std::shared_ptr<topic> inline_handler::open(const std::string& name, std::type_index type) {
+  return core_->open(name, type);
+}
+
+void inline_handler::subscribe(const std::shared_ptr<topic>& t, std::shared_ptr<subscriber> s) {
+  core_->add(impl_of(t), std::move(s));
+}
+
+asio::awaitable<void> inline_handler::unsubscribe(const std::shared_ptr<topic>& t,
+                                                  std::shared_ptr<subscriber> s) {
+  return unsubscribe_from(*core_, t, std::move(s));
+}
+
+namespace {
+asio::awaitable<void> publish_inline(std::shared_ptr<detail::handler_core> core,
+                                     std::shared_ptr<topic> tp, std::shared_ptr<const void> payload) {
+  auto& t = impl_of(tp);
+  std::shared_ptr<const subscriber_list> subs;
+  {
+    std::lock_guard lock(core->mu);
+    subs = t.subs;
+  }
+  t.unacked.fetch_add(1, std::memory_order_seq_cst);
+  std::exception_ptr first;
+  for (const auto& s : *subs) {
+    if (!enter(*s)) continue;
+    std::exception_ptr failure;
+    if (s->deliver) {
+      try {
+        s->deliver(payload.get());
+      } catch (...) {
+        failure = std::current_exception();
+      }
+    } else {
+      try {
+        auto op = s->deliver_async(payload.get());
+        co_await std::move(op);
+      } catch (...) {
+        failure = std::current_exception();
+      }
+    }
+    leave(*s);
+    if (failure) core->failed(*s, std::move(failure), &first);
+  }
+  t.unacked.fetch_sub(1, std::memory_order_seq_cst);
+  core->idle.wake_all();
+  if (first) std::rethrow_exception(first);
+}
+}  // namespace
+
+asio::awaitable<void> inline_handler::publish(const std::shared_ptr<topic>& t,
+                                              std::shared_ptr<const void> payload) {
+  return publish_inline(core_, t, std::move(payload));
+}
+
+asio::awaitable<void> inline_handler::drain() { return drain_all(core_); }
+asio::awaitable<void> inline_handler::drain(const std::shared_ptr<topic>& t) {
+  return drain_one(core_, t);
+}
+
+// --- queued_handler --------------------------------------------------------------------------
+queued_handler::queued_handler(asio::any_io_executor ex, queued_handler_options options)
+    : core_(std::make_shared<detail::handler_core>()) {
+  if (options.capacity == 0) {
+    throw ferry::error(ferry::errc::invalid_argument, "queued_handler: capacity must be at least 1");
+  }
+  core_->strand.emplace(asio::make_strand(std::move(ex)));
+  core_->capacity = options.capacity;
+}
+
+queued_handler::~queued_handler() = default;
+
+std::shared_ptr<topic> queued_handler::open(const std::string& name, std::type_index type) {
+  return core_->open(name, type);
+}
+
+void queued_handler::subscribe(const std::shared_ptr<topic>& t, std::shared_ptr<subscriber> s) {
+  if (core_->add(impl_of(t), std::move(s))) {
+    core_->start_consumer(std::static_pointer_cast<detail::topic_impl>(t));
+  }
+}
+
+asio::awaitable<void> queued_handler::unsubscribe(const std::shared_ptr<topic>& t,
+                                                  std::shared_ptr<subscriber> s) {
+  return unsubscribe_from(*core_, t, std::move(s));
+}
+
+namespace {
+asio::awaitable<void> publish_queued(std::shared_ptr<detail::handler_core> core,
+                                     std::shared_ptr<detail::topic_impl> t,
+                                     std::shared_ptr<const void> payload) {
+  bool counted_wait = false;
+  for (;;) {
+    bool start = false;
+    bool accepted = false;
+    bool stopped = false;
+    {
+      std::lock_guard lock(core->mu);
+      bool listened = false;
+      for (const auto& s : *t->subs) {
+        if (!s->closed.load(std::memory_order_relaxed)) listened = true;
+      }
+      if (core->stopped.load(std::memory_order_seq_cst)) {
+        stopped = true;
+      } else if (!listened && t->queue.empty()) {
+        co_return;  // nobody listens and nothing waits: an event nobody hears
+      } else if (t->unacked.load(std::memory_order_seq_cst) < core->capacity) {
+        t->queue.push_back(std::move(payload));
+        t->unacked.fetch_add(1, std::memory_order_seq_cst);
+        core->pending.fetch_add(1, std::memory_order_relaxed);
+        core->published.fetch_add(1, std::memory_order_relaxed);
+        accepted = true;
+        if (listened && !t->consumer_running) {
+          t->consumer_running = true;
+          start = true;
+        }
+      }
+    }
+    if (stopped) {
+      throw ferry::error(make_error_code(errc::handler_stopped),
+                         "queued_handler: publish to '" + t->name() + "' after stop()");
+    }
+    if (accepted) {
+      if (start) core->start_consumer(t);
+      co_return;
+    }
+    if (!counted_wait) {
+      counted_wait = true;
+      core->waits.fetch_add(1, std::memory_order_relaxed);
+    }
+    const std::size_t cap = core->capacity;
+    auto op = ferry::detail::async_wait_until(
+        t->room, t,
+        [ti = t.get(), c = core.get(), cap] {
+          return ti->unacked.load(std::memory_order_seq_cst) < cap ||
+                 c->stopped.load(std::memory_order_seq_cst);
+        },
+        std::nullopt, asio::use_awaitable);
+    co_await std::move(op);
+  }
+}
+
+asio::awaitable<void> stop_queued(std::shared_ptr<detail::handler_core> core) {
+  std::exception_ptr failure;
+  try {
+    auto op = drain_all(core);
+    co_await std::move(op);
+  } catch (...) {
+    failure = std::current_exception();
+  }
+  core->stopped.store(true, std::memory_order_seq_cst);
+  std::vector<std::shared_ptr<detail::topic_impl>> all;
+  {
+    std::lock_guard lock(core->mu);
+    for (const auto& [name, t] : core->topics) all.push_back(t);
+  }
+  for (const auto& t : all) t->room.wake_all();
+  if (failure) std::rethrow_exception(failure);
+}
+}  // namespace
+
+asio::awaitable<void> queued_handler::publish(const std::shared_ptr<topic>& t,
+                                              std::shared_ptr<const void> payload) {
+  return publish_queued(core_, std::static_pointer_cast<detail::topic_impl>(t), std::move(payload));
+}
+
+asio::awaitable<void> queued_handler::drain() { return drain_all(core_); }
+asio::awaitable<void> queued_handler::drain(const std::shared_ptr<topic>& t) {
+  return drain_one(core_, t);
+}
+asio::awaitable<void> queued_handler::stop() { return stop_queued(core_); }
+
+queued_handler_stats queued_handler::stats() const {
+  queued_handler_stats s;
+  s.published = core_->published.load(std::memory_order_relaxed);
+  s.acknowledged = core_->acknowledged.load(std::memory_order_relaxed);
+  s.waits = core_->waits.load(std::memory_order_relaxed);
+  s.pending = core_->pending.load(std::memory_order_relaxed);
+  return s;
+}
+
+asio::strand<asio::any_io_executor> queued_handler::get_strand() const { return *core_->strand; }
+
+// --- ports -----------------------------------------------------------------------------------
+namespace detail {
+
+port_base::port_base(processor& owner, std::string name, std::type_index payload_type)
+    : owner_(&owner), name_(std::move(name)) {
+  topic_ = owner.handler().open(owner.name() + "." + name_, payload_type);
+  std::lock_guard lock(owner.ports_mu_);
+  owner.ports_.push_back(this);
+}
+
+port_base::~port_base() {
+  {
+    std::lock_guard lock(owner_->ports_mu_);
+    std::erase(owner_->ports_, this);
+  }
+  // Without a disconnect() first, stop deliveries at least (ones in flight are the
+  // owner's responsibility: see the header).
+  std::lock_guard lock(mu_);
+  for (const auto& s : subs_) s->closed.store(true, std::memory_order_seq_cst);
+}
+
+std::size_t port_base::connections() const {
+  std::lock_guard lock(mu_);
+  return subs_.size();
+}
+
+void port_base::connect(std::shared_ptr<subscriber> s) {
+  if (manager* m = owner_->owner()) {
+    s->on_error = m->error_path();
+  }
+  {
+    std::lock_guard lock(mu_);
+    subs_.push_back(s);
+  }
+  owner_->handler().subscribe(topic_, std::move(s));
+}
+
+asio::awaitable<void> port_base::publish(std::shared_ptr<const void> payload,
+                                         std::exception_ptr carried) {
+  if (name_ == "error" && connections() == 0) {
+    throw unhandled_error_event(topic_->name(), std::move(carried));
+  }
+  if (manager* m = owner_->owner(); m && m->failure()) {
+    // The manager is going down: its processors stop emitting (a source looping through
+    // an inline handler would otherwise never reach a point where it can be cancelled).
+    throw std::system_error(asio::error::operation_aborted,
+                            "emit on '" + topic_->name() + "': its manager has failed");
+  }
+  return owner_->handler().publish(topic_, std::move(payload));
+}
+
+asio::awaitable<void> port_base::disconnect() {
+  std::vector<std::shared_ptr<subscriber>> subs;
+  {
+    std::lock_guard lock(mu_);
+    subs.swap(subs_);
+  }
+  message_handler& h = owner_->handler();
+  std::shared_ptr<topic> t = topic_;
+  for (auto& s : subs) {
+    auto op = h.unsubscribe(t, std::move(s));
+    co_await std::move(op);
+  }
+}
+
+asio::awaitable<void> port_base::drain() {
+  return owner_->handler().drain(topic_);
+}
+
+}  // namespace detail
+
+// --- processor -------------------------------------------------------------------------------
+processor::processor(manager& owner, std::string name)
+    : manager_(&owner), handler_(&owner.handler()), name_(owner.build_processor_name(name)) {
+  owner.adopt(*this);
+}
+
+processor::processor(message_handler& handler, std::string name)
+    : handler_(&handler), name_(std::move(name)) {
+  if (name_.empty()) {
+    throw ferry::error(ferry::errc::invalid_argument, "processor: the name must not be empty");
+  }
+}
+
+processor::~processor() {
+  if (manager_) manager_->forget(*this);
+}
+
+std::vector<detail::port_base*> processor::ports() const {
+  std::lock_guard lock(ports_mu_);
+  return ports_;
+}
+
+asio::awaitable<void> processor::disconnect() {
+  for (detail::port_base* p : ports()) {
+    auto op = p->disconnect();
+    co_await std::move(op);
+  }
+}
+
+void processor::fail(std::exception_ptr e) {
+  if (manager_) {
+    manager_->fail(std::move(e));
+  } else {
+    std::rethrow_exception(e);
+  }
+}
+
+void processor::report(std::exception_ptr e) {
+  if (manager_) {
+    manager_->report(std::move(e));
+  } else {
+    std::cerr << "ferry::flow: processor '" << name_ << "': " << describe_exception(e) << '\n';
+  }
+}
+
+}  // namespace ferry::flow
