@@ -280,10 +280,33 @@ bool is_abort(const std::exception_ptr& e) {
   }
 }
 
+// Counts and reports a failure; returns the back-off delay when the manager is to be rebuilt.
+std::optional<std::chrono::steady_clock::duration> judge(supervisor_state& st, supervised_entry& e,
+                                                         const std::exception_ptr& error) {
+  const restart_options& opt = e.options;
+  ++e.status.failures;
+  failure_report r{e.name, error, true, 0, {}, false};
+  if (opt.policy != restart_policy::always) {
+    report_to(st.reporter, r);
+    return std::nullopt;
+  }
+  const auto now = std::chrono::steady_clock::now();
+  while (!e.restarts.empty() && now - e.restarts.front() > opt.window) e.restarts.pop_front();
+  r.restarts = e.restarts.size();
+  if (e.restarts.size() >= opt.max_restarts) {
+    r.gave_up = true;
+    e.status.gave_up = true;
+    report_to(st.reporter, r);
+    return std::nullopt;
+  }
+  r.restart_in = backoff(opt, e.restarts.size());
+  report_to(st.reporter, r);
+  return r.restart_in;
+}
+
 asio::awaitable<void> run_entry(std::shared_ptr<supervisor_state> st, supervised_entry* e) {
   co_await asio::this_coro::throw_if_cancelled(false);
   auto ex = co_await asio::this_coro::executor;
-  const restart_options& opt = e->options;
   using phase = supervised_entry::phase;
   for (;;) {
     if (st->stopping || e->stop_requested) break;
@@ -324,6 +347,10 @@ asio::awaitable<void> run_entry(std::shared_ptr<supervisor_state> st, supervised
         co_await std::move(op);
       }
     }
+    // A failure is reported at once, before the teardown, with what happens next.
+    std::optional<std::chrono::steady_clock::duration> restart_in;
+    const bool judged = error && !stopped;
+    if (judged) restart_in = judge(*st, *e, error);
     if (m) {
       try {
         auto op = m->close(!error && !stopped);
@@ -351,24 +378,9 @@ asio::awaitable<void> run_entry(std::shared_ptr<supervisor_state> st, supervised
       break;
     }
     if (!error) break;  // the source is done: so is the manager
-    ++e->status.failures;
-    failure_report r{e->name, error, true, 0, {}, false};
-    if (opt.policy != restart_policy::always) {
-      report_to(st->reporter, r);
-      break;
-    }
-    const auto now = std::chrono::steady_clock::now();
-    while (!e->restarts.empty() && now - e->restarts.front() > opt.window) e->restarts.pop_front();
-    r.restarts = e->restarts.size();
-    if (e->restarts.size() >= opt.max_restarts) {
-      r.gave_up = true;
-      e->status.gave_up = true;
-      report_to(st->reporter, r);
-      break;
-    }
-    const auto delay = backoff(opt, e->restarts.size());
-    r.restart_in = delay;
-    report_to(st->reporter, r);
+    if (!judged) restart_in = judge(*st, *e, error);  // a failure found while closing
+    if (!restart_in) break;
+    const auto delay = *restart_in;
     if (st->stopping || e->stop_requested) break;
     e->at = phase::backoff;
     asio::steady_timer timer(ex, delay);
