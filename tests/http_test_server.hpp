@@ -18,6 +18,7 @@
 #include <string>
 #include <thread>
 #include <utility>
+#include <vector>
 
 namespace ferry_test {
 
@@ -40,6 +41,12 @@ public:
     return "http://127.0.0.1:" + std::to_string(port()) + path;
   }
   void set_failing(bool failing) { failing_.store(failing); }
+  // Request i (counting from 0) fails when script[i] is true; past the script, set_failing
+  // decides. Set before the first request.
+  void set_script(std::vector<bool> script) {
+    std::lock_guard lock(mu_);
+    script_ = std::move(script);
+  }
   std::size_t requests() const { return requests_.load(); }
 
 private:
@@ -56,9 +63,14 @@ private:
     auto reading = asio::async_read_until(s, asio::dynamic_buffer(request), "\r\n\r\n",
                                           asio::use_awaitable);
     co_await std::move(reading);
-    requests_.fetch_add(1);
+    const std::size_t index = requests_.fetch_add(1);
+    bool fail = failing_.load();
+    {
+      std::lock_guard lock(mu_);
+      if (index < script_.size()) fail = script_[index];
+    }
     std::string response;
-    if (failing_.load()) {
+    if (fail) {
       response = "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\nConnection: close\r\n\r\nfail";
     } else {
       const std::string body = body_();
@@ -75,6 +87,8 @@ private:
   asio::io_context io_;
   asio::ip::tcp::acceptor acceptor_;
   std::atomic<bool> failing_{false};
+  std::mutex mu_;
+  std::vector<bool> script_;
   std::atomic<std::size_t> requests_{0};
   std::thread thread_;
 };

@@ -4,6 +4,7 @@
 
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
+#include <asio/experimental/as_tuple.hpp>
 #include <asio/post.hpp>
 #include <asio/use_awaitable.hpp>
 
@@ -24,7 +25,7 @@ using subscriber_list = std::vector<std::shared_ptr<subscriber>>;
 namespace {
 bool enter(subscriber& s) {
   s.in_flight.fetch_add(1, std::memory_order_seq_cst);
-  if (s.closed.load(std::memory_order_seq_cst)) {
+  if (!s.live()) {
     if (s.in_flight.fetch_sub(1, std::memory_order_seq_cst) == 1) s.idle.wake_all();
     return false;
   }
@@ -120,7 +121,7 @@ public:
     std::lock_guard lock(mu);
     auto next = std::make_shared<subscriber_list>();
     for (const auto& old : *t.subs) {
-      if (!old->closed.load(std::memory_order_relaxed)) next->push_back(old);
+      if (old->live()) next->push_back(old);
     }
     next->push_back(std::move(s));
     t.subs = std::move(next);
@@ -135,7 +136,7 @@ public:
     std::lock_guard lock(mu);
     auto next = std::make_shared<subscriber_list>();
     for (const auto& old : *t.subs) {
-      if (old != s && !old->closed.load(std::memory_order_relaxed)) next->push_back(old);
+      if (old != s && old->live()) next->push_back(old);
     }
     t.subs = std::move(next);
   }
@@ -157,13 +158,17 @@ public:
     return std::exchange(kept, nullptr);
   }
 
+  static bool listened(const topic_impl& t) {
+    // (mu held)
+    for (const auto& s : *t.subs) {
+      if (s->live()) return true;
+    }
+    return false;
+  }
+
   bool topic_idle(const topic_impl& t) const {
     // (mu held)
-    bool listened = false;
-    for (const auto& s : *t.subs) {
-      if (!s->closed.load(std::memory_order_relaxed)) listened = true;
-    }
-    if (!listened && !t.consumer_running) return true;  // parked: nobody to deliver to
+    if (!listened(t) && !t.consumer_running) return true;  // parked: nobody to deliver to
     return t.queue.empty() && t.unacked.load(std::memory_order_seq_cst) == 0;
   }
 
@@ -192,16 +197,31 @@ public:
   // to every open subscriber, awaiting coroutine handlers; acknowledges it afterwards.
   static asio::awaitable<void> consume(std::shared_ptr<handler_core> core,
                                        std::shared_ptr<topic_impl> t) {
+    try {
+      auto op = consume_loop(core, t);
+      co_await std::move(op);
+    } catch (...) {
+      // Not expected (the loop catches handler exceptions); never leave the topic marked
+      // as having a consumer, or drain() would wait for it forever.
+      std::lock_guard lock(core->mu);
+      t->consumer_running = false;
+      if (!core->kept) core->kept = std::current_exception();
+    }
+    core->idle.wake_all();
+  }
+
+  // A message leaves the queue (is acknowledged) once its subscribers are done with it. It
+  // goes back to the front, unacknowledged, when no subscriber could take it (all closed or
+  // halted under us) or when a handler failed into its pipeline's error path: that pipeline
+  // is going down, and its next instance gets the message again (at-least-once, A8).
+  static asio::awaitable<void> consume_loop(std::shared_ptr<handler_core> core,
+                                            std::shared_ptr<topic_impl> t) {
     for (;;) {
       std::shared_ptr<const void> msg;
       std::shared_ptr<const subscriber_list> subs;
       {
         std::lock_guard lock(core->mu);
-        bool listened = false;
-        for (const auto& s : *t->subs) {
-          if (!s->closed.load(std::memory_order_relaxed)) listened = true;
-        }
-        if (t->queue.empty() || !listened) {
+        if (t->queue.empty() || !listened(*t)) {
           t->consumer_running = false;
           break;
         }
@@ -210,6 +230,7 @@ public:
         subs = t->subs;
       }
       bool delivered = false;
+      bool redeliver = false;
       for (const auto& s : *subs) {
         if (!enter(*s)) continue;
         delivered = true;
@@ -229,11 +250,12 @@ public:
           }
         }
         leave(*s);
-        if (failure) core->failed(*s, std::move(failure), nullptr);
+        if (failure) {
+          if (s->on_error) redeliver = true;
+          core->failed(*s, std::move(failure), nullptr);
+        }
       }
-      if (!delivered) {
-        // Every subscriber closed under us: the message goes back to the front and waits
-        // for the next one, unacknowledged (nothing is dropped).
+      if (!delivered || redeliver) {
         std::lock_guard lock(core->mu);
         t->queue.push_front(std::move(msg));
         continue;
@@ -245,7 +267,6 @@ public:
       t->room.wake_all();
       core->idle.wake_all();
     }
-    core->idle.wake_all();
   }
 };
 
@@ -270,7 +291,9 @@ asio::awaitable<void> drain_all(std::shared_ptr<detail::handler_core> core) {
 }
 
 asio::awaitable<void> drain_one(std::shared_ptr<detail::handler_core> core, std::shared_ptr<topic> t) {
-  auto op = wait_on(core->idle, t, [c = core.get(), &ti = impl_of(t)] { return c->one_idle(ti); });
+  // The wait keeps both alive: its abort path (loop teardown) touches the core's waiters.
+  auto keep = std::make_shared<std::pair<std::shared_ptr<detail::handler_core>, std::shared_ptr<topic>>>(core, t);
+  auto op = wait_on(core->idle, keep, [c = core.get(), &ti = impl_of(t)] { return c->one_idle(ti); });
   co_await std::move(op);
 }
 }  // namespace
@@ -330,7 +353,8 @@ asio::awaitable<void> publish_inline(std::shared_ptr<detail::handler_core> core,
 }  // namespace
 
 asio::awaitable<void> inline_handler::publish(const std::shared_ptr<topic>& t,
-                                              std::shared_ptr<const void> payload) {
+                                              std::shared_ptr<const void> payload,
+                                              std::shared_ptr<const std::atomic<bool>>) {
   return publish_inline(core_, t, std::move(payload));
 }
 
@@ -369,7 +393,8 @@ asio::awaitable<void> queued_handler::unsubscribe(const std::shared_ptr<topic>& 
 namespace {
 asio::awaitable<void> publish_queued(std::shared_ptr<detail::handler_core> core,
                                      std::shared_ptr<detail::topic_impl> t,
-                                     std::shared_ptr<const void> payload) {
+                                     std::shared_ptr<const void> payload,
+                                     std::shared_ptr<const std::atomic<bool>> abandon) {
   bool counted_wait = false;
   for (;;) {
     bool start = false;
@@ -377,10 +402,7 @@ asio::awaitable<void> publish_queued(std::shared_ptr<detail::handler_core> core,
     bool stopped = false;
     {
       std::lock_guard lock(core->mu);
-      bool listened = false;
-      for (const auto& s : *t->subs) {
-        if (!s->closed.load(std::memory_order_relaxed)) listened = true;
-      }
+      const bool listened = detail::handler_core::listened(*t);
       if (core->stopped.load(std::memory_order_seq_cst)) {
         stopped = true;
       } else if (!listened && t->queue.empty()) {
@@ -409,18 +431,28 @@ asio::awaitable<void> publish_queued(std::shared_ptr<detail::handler_core> core,
       counted_wait = true;
       core->waits.fetch_add(1, std::memory_order_relaxed);
     }
+    if (abandon && abandon->load(std::memory_order_seq_cst)) {
+      throw std::system_error(asio::error::operation_aborted,
+                              "publish to '" + t->name() + "': the emitting pipeline has failed");
+    }
+    // Nobody wakes a waiter when `abandon` is set: with one, the wait looks again every 20 ms.
     const std::size_t cap = core->capacity;
+    std::optional<std::chrono::steady_clock::time_point> deadline;
+    if (abandon) deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(20);
     auto op = ferry::detail::async_wait_until(
         t->room, t,
         [ti = t.get(), c = core.get(), cap] {
           return ti->unacked.load(std::memory_order_seq_cst) < cap ||
                  c->stopped.load(std::memory_order_seq_cst);
         },
-        std::nullopt, asio::use_awaitable);
-    co_await std::move(op);
+        deadline, asio::experimental::as_tuple(asio::use_awaitable));
+    auto [ec] = co_await std::move(op);
+    if (ec && ec != ferry::errc::timed_out) throw std::system_error(ec);
   }
 }
 
+// Drain, refuse, drain again: publishes accepted while the first drain ran (from other
+// threads, or from handlers emitting downstream) are delivered before stop() returns.
 asio::awaitable<void> stop_queued(std::shared_ptr<detail::handler_core> core) {
   std::exception_ptr failure;
   try {
@@ -430,6 +462,12 @@ asio::awaitable<void> stop_queued(std::shared_ptr<detail::handler_core> core) {
     failure = std::current_exception();
   }
   core->stopped.store(true, std::memory_order_seq_cst);
+  try {
+    auto op = drain_all(core);
+    co_await std::move(op);
+  } catch (...) {
+    if (!failure) failure = std::current_exception();
+  }
   std::vector<std::shared_ptr<detail::topic_impl>> all;
   {
     std::lock_guard lock(core->mu);
@@ -441,8 +479,10 @@ asio::awaitable<void> stop_queued(std::shared_ptr<detail::handler_core> core) {
 }  // namespace
 
 asio::awaitable<void> queued_handler::publish(const std::shared_ptr<topic>& t,
-                                              std::shared_ptr<const void> payload) {
-  return publish_queued(core_, std::static_pointer_cast<detail::topic_impl>(t), std::move(payload));
+                                              std::shared_ptr<const void> payload,
+                                              std::shared_ptr<const std::atomic<bool>> abandon) {
+  return publish_queued(core_, std::static_pointer_cast<detail::topic_impl>(t), std::move(payload),
+                        std::move(abandon));
 }
 
 asio::awaitable<void> queued_handler::drain() { return drain_all(core_); }
@@ -491,6 +531,7 @@ std::size_t port_base::connections() const {
 void port_base::connect(std::shared_ptr<subscriber> s) {
   if (manager* m = owner_->owner()) {
     s->on_error = m->error_path();
+    s->halted = m->halted_flag();
   }
   {
     std::lock_guard lock(mu_);
@@ -510,7 +551,8 @@ asio::awaitable<void> port_base::publish(std::shared_ptr<const void> payload,
     throw std::system_error(asio::error::operation_aborted,
                             "emit on '" + topic_->name() + "': its manager has failed");
   }
-  return owner_->handler().publish(topic_, std::move(payload));
+  manager* m = owner_->owner();
+  return owner_->handler().publish(topic_, std::move(payload), m ? m->halted_flag() : nullptr);
 }
 
 asio::awaitable<void> port_base::disconnect() {
@@ -519,6 +561,9 @@ asio::awaitable<void> port_base::disconnect() {
     std::lock_guard lock(mu_);
     subs.swap(subs_);
   }
+  // Closed at once, all of them: even if this wait is cancelled, no delivery to them starts
+  // again (the handler drops closed subscribers from its lists).
+  for (const auto& s : subs) s->closed.store(true, std::memory_order_seq_cst);
   message_handler& h = owner_->handler();
   std::shared_ptr<topic> t = topic_;
   for (auto& s : subs) {

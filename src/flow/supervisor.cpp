@@ -59,6 +59,7 @@ struct manager_state : std::enable_shared_from_this<manager_state> {
   const error_reporter reporter;
   mutable std::mutex mu;
   std::exception_ptr failure;  // (mu) the first one
+  std::shared_ptr<std::atomic<bool>> halted = std::make_shared<std::atomic<bool>>(false);
   // On ex only:
   bool running = false;
   asio::cancellation_signal cancel_source;
@@ -66,12 +67,26 @@ struct manager_state : std::enable_shared_from_this<manager_state> {
   void fail(std::exception_ptr e) {
     {
       std::lock_guard lock(mu);
-      if (failure) return;
+      if (failure) {
+        // Not lost: a later failure of a pipeline already going down is still reported.
+        if (e != failure) report(std::move(e));
+        return;
+      }
       failure = std::move(e);
+      halted->store(true, std::memory_order_seq_cst);
     }
     // The source is stopped on its own executor.
     asio::post(ex, [self = shared_from_this()] {
       if (self->running) self->cancel_source.emit(asio::cancellation_type::terminal);
+    });
+  }
+  void report(std::exception_ptr e) {
+    asio::post(ex, [self = shared_from_this(), e = std::move(e)]() mutable {
+      failure_report r;
+      r.manager = self->name;
+      r.error = std::move(e);
+      r.fatal = false;
+      report_to(self->reporter, r);
     });
   }
   std::exception_ptr first_failure() const {
@@ -128,15 +143,9 @@ std::function<void(std::exception_ptr)> manager::error_path() const {
 
 void manager::fail(std::exception_ptr e) { state_->fail(std::move(e)); }
 
-void manager::report(std::exception_ptr e) {
-  asio::post(state_->ex, [st = state_, e = std::move(e)]() mutable {
-    failure_report r;
-    r.manager = st->name;
-    r.error = std::move(e);
-    r.fatal = false;
-    report_to(st->reporter, r);
-  });
-}
+void manager::report(std::exception_ptr e) { state_->report(std::move(e)); }
+
+std::shared_ptr<const std::atomic<bool>> manager::halted_flag() const { return state_->halted; }
 
 std::exception_ptr manager::failure() const { return state_->first_failure(); }
 
@@ -310,12 +319,13 @@ asio::awaitable<void> run_entry(std::shared_ptr<supervisor_state> st, supervised
   using phase = supervised_entry::phase;
   for (;;) {
     if (st->stopping || e->stop_requested) break;
-    context child = st->root.make_child();
+    std::optional<context> child;
     std::unique_ptr<manager> m;
     std::exception_ptr error;
     ++e->status.starts;
     try {
-      manager_args args{e->name, st->handler, child,
+      child.emplace(st->root.make_child());
+      manager_args args{e->name, st->handler, *child,
                         [w = std::weak_ptr<supervisor_state>(st)](const failure_report& r) {
                           if (auto s = w.lock()) report_to(s->reporter, r);
                         }};
@@ -362,8 +372,10 @@ asio::awaitable<void> run_entry(std::shared_ptr<supervisor_state> st, supervised
       m.reset();  // its processors and listeners go first ...
     }
     try {
-      auto op = child.close(error);  // ... then its resources
-      co_await std::move(op);
+      if (child) {
+        auto op = child->close(error);  // ... then its resources
+        co_await std::move(op);
+      }
     } catch (...) {
       failure_report r;
       r.manager = e->name;
@@ -433,7 +445,6 @@ asio::awaitable<void> run_supervisor(std::shared_ptr<detail::supervisor_state> s
   }
   st->started = true;
   st->running = true;
-  auto ex = co_await asio::this_coro::executor;
   const bool throwing = co_await asio::this_coro::throw_if_cancelled();
   co_await asio::this_coro::throw_if_cancelled(false);
   for (auto& up : st->entries) {
@@ -443,8 +454,13 @@ asio::awaitable<void> run_supervisor(std::shared_ptr<detail::supervisor_state> s
       e->status.done = true;
       continue;
     }
-    asio::co_spawn(ex, detail::run_entry(st, e),
-                   asio::bind_cancellation_slot(e->stop.slot(), [st, e](std::exception_ptr) {
+    asio::co_spawn(st->root.get_executor(), detail::run_entry(st, e),
+                   asio::bind_cancellation_slot(e->stop.slot(), [st, e](std::exception_ptr x) {
+                     if (x) {  // not expected: run_entry handles its failures; never silent
+                       report_to(st->reporter, {e->name, x, true, e->restarts.size(), {}, false});
+                     }
+                     e->status.done = true;
+                     e->status.running = false;
                      e->ended = true;
                      st->notify();
                    }));

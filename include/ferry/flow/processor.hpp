@@ -47,9 +47,14 @@
 //    (its acknowledgement), and `capacity` bounds the messages per topic not yet
 //    acknowledged: emit on a full topic waits (back-pressure; cancellable). Messages queued
 //    for a topic whose handlers were all disconnected wait for the next handler (a restarted
-//    manager's processors reopen the same topics by name). drain() waits until no topic
-//    with handlers has anything queued or in flight; stop() refuses later emits
-//    (errc::handler_stopped) after draining.
+//    manager's processors reopen the same topics by name). When a manager fails, its
+//    handlers are halted: its topics keep their messages, and the message a handler failed
+//    on goes back to the front of its queue, so the manager's next instance receives them
+//    (at-least-once: a message may then arrive twice, never not at all). drain() waits until
+//    no topic with live handlers has anything queued or in flight; stop() drains, refuses
+//    later emits (errc::handler_stopped) and drains what was accepted meanwhile.
+//    A handler must not emit into its own topic (or a cycle of topics) with back-pressure:
+//    a full topic would wait for the consumer that is waiting for it.
 //  * A8, the interface: a processor only ever calls message_handler's open / subscribe /
 //    unsubscribe / publish, with a payload of known type (topic::payload_type()). A
 //    distributed implementation (Redis Streams) fits behind it: publish = XADD of the
@@ -120,6 +125,15 @@ public:
   std::function<void(const void* payload)> deliver;
   std::function<asio::awaitable<void>(const void* payload)> deliver_async;
   std::function<void(std::exception_ptr)> on_error;
+  // Set (by a manager) once the subscriber's pipeline has failed: no delivery starts, and
+  // a queued message goes back to its queue for the pipeline's next instance.
+  std::shared_ptr<const std::atomic<bool>> halted;
+
+  // Open and not halted: a delivery may start.
+  bool live() const noexcept {
+    return !closed.load(std::memory_order_seq_cst) &&
+           !(halted && halted->load(std::memory_order_seq_cst));
+  }
 
   // Bookkeeping for unsubscribe: no delivery starts once `closed`; `in_flight` counts the
   // deliveries running; `idle` wakes an unsubscribe waiting for them (seq_cst hand-shake,
@@ -151,8 +165,12 @@ public:
                                             std::shared_ptr<subscriber> s) = 0;
   // Hands a message (a std::tuple of the topic's payload type) to the topic's subscribers;
   // completes when the policy says the emitter may go on (see the implementations).
+  // `abandon` (may be null) is the emitter's pipeline giving up: a publish waiting for room
+  // while it is set completes with operation_aborted instead (a failed manager's handler
+  // must not wait forever on a topic whose consumers it halted itself).
   virtual asio::awaitable<void> publish(const std::shared_ptr<topic>& t,
-                                        std::shared_ptr<const void> payload) = 0;
+                                        std::shared_ptr<const void> payload,
+                                        std::shared_ptr<const std::atomic<bool>> abandon) = 0;
   // Completes once every message published so far to a topic with subscribers has been
   // delivered and acknowledged; rethrows a kept handler exception (one with no error path).
   virtual asio::awaitable<void> drain() = 0;
@@ -174,7 +192,8 @@ public:
   asio::awaitable<void> unsubscribe(const std::shared_ptr<topic>& t,
                                     std::shared_ptr<subscriber> s) override;
   asio::awaitable<void> publish(const std::shared_ptr<topic>& t,
-                                std::shared_ptr<const void> payload) override;
+                                std::shared_ptr<const void> payload,
+                                std::shared_ptr<const std::atomic<bool>> abandon) override;
   asio::awaitable<void> drain() override;
   asio::awaitable<void> drain(const std::shared_ptr<topic>& t) override;
 
@@ -212,7 +231,8 @@ public:
   // Waits while the topic holds `capacity` unacknowledged messages; errc::handler_stopped
   // after stop(); operation_aborted when cancelled while waiting.
   asio::awaitable<void> publish(const std::shared_ptr<topic>& t,
-                                std::shared_ptr<const void> payload) override;
+                                std::shared_ptr<const void> payload,
+                                std::shared_ptr<const std::atomic<bool>> abandon) override;
   asio::awaitable<void> drain() override;
   asio::awaitable<void> drain(const std::shared_ptr<topic>& t) override;
   // Drains, then refuses every later publish (errc::handler_stopped).

@@ -18,9 +18,10 @@
 //    A 2xx response emits data(body, time of the response). A connection error, a timeout
 //    or a non-2xx status is a failure (errc::http_error, naming the URL and the status);
 //    `failure_threshold` consecutive failures make an errc::failure_threshold error, which
-//    is reported (manager::report) and then, by `on_threshold`: keep_going (the count starts
-//    again), stop (run() returns: the source is done) or fail (run() throws it, so the
-//    manager fails and a run-always manager is restarted). A success resets the count.
+//    is reported and then, by `on_threshold`: keep_going (reported with manager::report;
+//    the count starts again), stop (reported likewise; run() returns: the source is done)
+//    or fail (run() throws it: the manager fails with it, the supervisor reports that
+//    failure and restarts a run-always manager). A success resets the count.
 //  * cron_source emits tick(t) at every multiple of `interval` since the epoch of the
 //    system clock (t is exactly that multiple); a tick missed because the loop was late
 //    is skipped (counted in missed()), never emitted late in a burst.

@@ -41,8 +41,10 @@
 //    up to `max_delay`; more than `max_restarts` restarts within `window` gives up: the
 //    report has gave_up set and an errc::restart_limit error. A manager that completes
 //    normally (its source is done) is drained, torn down and not restarted.
-//  * stop() stops every source (in registration order), drains the message handler, then
-//    tears the managers down in registration order; run() then completes. A manager's
+//  * stop() stops every source (in registration order), drains the message handler (all of
+//    it: give a supervisor a handler of its own), then tears the managers down in
+//    registration order; run() then completes. Messages kept for a manager that is waiting
+//    to restart (or gave up) stay in the handler: queued_handler::stats().pending counts them. A manager's
 //    teardown failure (teardown_error from its context) is reported, never thrown.
 //  * Threads: the supervisor, its managers and their contexts live on the executor of the
 //    root context (one thread or a strand). run() and stop() are awaited there.
@@ -54,6 +56,7 @@
 #include <asio/any_io_executor.hpp>
 #include <asio/awaitable.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <exception>
@@ -117,6 +120,9 @@ public:
   // fail() as a function object that stays valid after the manager is gone (it then does
   // nothing): the error path handed to subscribers.
   std::function<void(std::exception_ptr)> error_path() const;
+  // True from the first fail() on: handlers connected by this manager's processors take
+  // no more messages (a queued handler keeps them for the next instance).
+  std::shared_ptr<const std::atomic<bool>> halted_flag() const;
   // The first exception given to fail(), or null.
   std::exception_ptr failure() const;
   // Disconnects every processor of this manager (after draining its topics if `drain`).
