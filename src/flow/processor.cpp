@@ -185,90 +185,106 @@ public:
     return topic_idle(t);
   }
 
-  // Posted, never dispatched: a publisher must not find itself delivering (emit returns
-  // first, A2), even when it runs on the thread that would run the strand.
-  void start_consumer(const std::shared_ptr<topic_impl>& t) {
-    asio::post(*strand, [core = shared_from_this(), t] {
-      asio::co_spawn(*core->strand, consume(core, t), asio::detached);
-    });
-  }
+  void start_consumer(const std::shared_ptr<topic_impl>& t);
 
   // The consumer of one topic, on the strand: takes messages in order and delivers each
   // to every open subscriber, awaiting coroutine handlers; acknowledges it afterwards.
-  static asio::awaitable<void> consume(std::shared_ptr<handler_core> core,
-                                       std::shared_ptr<topic_impl> t) {
-    try {
-      auto op = consume_loop(core, t);
-      co_await std::move(op);
-    } catch (...) {
-      // Not expected (the loop catches handler exceptions); never leave the topic marked
-      // as having a consumer, or drain() would wait for it forever.
-      std::lock_guard lock(core->mu);
-      t->consumer_running = false;
-      if (!core->kept) core->kept = std::current_exception();
+};
+
+// Delivers one message to every live subscriber of `subs`, in order, awaiting coroutine
+// handlers. A handler's exception goes to its error path, else to `first` (the inline
+// emitter's), else is kept for drain(). Shared by the inline publish and the consumers.
+struct delivery_outcome {
+  bool delivered = false;  // some subscriber took it
+  bool redeliver = false;  // a handler failed into its pipeline's error path
+};
+
+asio::awaitable<delivery_outcome> deliver_all(handler_core& core, const subscriber_list& subs,
+                                              const void* payload, std::exception_ptr* first) {
+  delivery_outcome out;
+  for (const auto& s : subs) {
+    if (!enter(*s)) continue;
+    out.delivered = true;
+    std::exception_ptr failure;
+    if (s->deliver) {
+      try {
+        s->deliver(payload);
+      } catch (...) {
+        failure = std::current_exception();
+      }
+    } else {
+      try {
+        auto op = s->deliver_async(payload);
+        co_await std::move(op);
+      } catch (...) {
+        failure = std::current_exception();
+      }
     }
+    leave(*s);
+    if (failure) {
+      if (s->on_error) out.redeliver = true;
+      core.failed(*s, std::move(failure), first);
+    }
+  }
+  co_return out;
+}
+
+// A message leaves the queue (is acknowledged) once its subscribers are done with it. It
+// goes back to the front, unacknowledged, when no subscriber could take it (all closed or
+// halted under us) or when a handler failed into its pipeline's error path: that pipeline
+// is going down, and its next instance gets the message again (at-least-once, A8).
+asio::awaitable<void> consume_loop(std::shared_ptr<handler_core> core, std::shared_ptr<topic_impl> t) {
+  for (;;) {
+    std::shared_ptr<const void> msg;
+    std::shared_ptr<const subscriber_list> subs;
+    {
+      std::lock_guard lock(core->mu);
+      if (t->queue.empty() || !handler_core::listened(*t)) {
+        t->consumer_running = false;
+        break;
+      }
+      msg = std::move(t->queue.front());
+      t->queue.pop_front();
+      subs = t->subs;
+    }
+    auto op = deliver_all(*core, *subs, msg.get(), nullptr);
+    const delivery_outcome done = co_await std::move(op);
+    if (!done.delivered || done.redeliver) {
+      std::lock_guard lock(core->mu);
+      t->queue.push_front(std::move(msg));
+      continue;
+    }
+    msg.reset();
+    t->unacked.fetch_sub(1, std::memory_order_seq_cst);
+    core->pending.fetch_sub(1, std::memory_order_relaxed);
+    core->acknowledged.fetch_add(1, std::memory_order_relaxed);
+    t->room.wake_all();
     core->idle.wake_all();
   }
+}
 
-  // A message leaves the queue (is acknowledged) once its subscribers are done with it. It
-  // goes back to the front, unacknowledged, when no subscriber could take it (all closed or
-  // halted under us) or when a handler failed into its pipeline's error path: that pipeline
-  // is going down, and its next instance gets the message again (at-least-once, A8).
-  static asio::awaitable<void> consume_loop(std::shared_ptr<handler_core> core,
-                                            std::shared_ptr<topic_impl> t) {
-    for (;;) {
-      std::shared_ptr<const void> msg;
-      std::shared_ptr<const subscriber_list> subs;
-      {
-        std::lock_guard lock(core->mu);
-        if (t->queue.empty() || !listened(*t)) {
-          t->consumer_running = false;
-          break;
-        }
-        msg = std::move(t->queue.front());
-        t->queue.pop_front();
-        subs = t->subs;
-      }
-      bool delivered = false;
-      bool redeliver = false;
-      for (const auto& s : *subs) {
-        if (!enter(*s)) continue;
-        delivered = true;
-        std::exception_ptr failure;
-        if (s->deliver) {
-          try {
-            s->deliver(msg.get());
-          } catch (...) {
-            failure = std::current_exception();
-          }
-        } else {
-          try {
-            auto op = s->deliver_async(msg.get());
-            co_await std::move(op);
-          } catch (...) {
-            failure = std::current_exception();
-          }
-        }
-        leave(*s);
-        if (failure) {
-          if (s->on_error) redeliver = true;
-          core->failed(*s, std::move(failure), nullptr);
-        }
-      }
-      if (!delivered || redeliver) {
-        std::lock_guard lock(core->mu);
-        t->queue.push_front(std::move(msg));
-        continue;
-      }
-      msg.reset();
-      t->unacked.fetch_sub(1, std::memory_order_seq_cst);
-      core->pending.fetch_sub(1, std::memory_order_relaxed);
-      core->acknowledged.fetch_add(1, std::memory_order_relaxed);
-      t->room.wake_all();
-      core->idle.wake_all();
-    }
+// The consumer of one topic, on the strand.
+asio::awaitable<void> consume(std::shared_ptr<handler_core> core, std::shared_ptr<topic_impl> t) {
+  try {
+    auto op = consume_loop(core, t);
+    co_await std::move(op);
+  } catch (...) {
+    // Not expected (handler exceptions are caught); never leave the topic marked as having
+    // a consumer, or drain() would wait for it forever.
+    std::lock_guard lock(core->mu);
+    t->consumer_running = false;
+    if (!core->kept) core->kept = std::current_exception();
   }
-};
+  core->idle.wake_all();
+}
+
+// Posted, never dispatched: a publisher must not find itself delivering (emit returns
+// first, A2), even when it runs on the thread that would run the strand.
+void handler_core::start_consumer(const std::shared_ptr<topic_impl>& t) {
+  asio::post(*strand, [core = shared_from_this(), t] {
+    asio::co_spawn(*core->strand, consume(core, t), asio::detached);
+  });
+}
 
 }  // namespace detail
 
@@ -326,26 +342,8 @@ asio::awaitable<void> publish_inline(std::shared_ptr<detail::handler_core> core,
   }
   t.unacked.fetch_add(1, std::memory_order_seq_cst);
   std::exception_ptr first;
-  for (const auto& s : *subs) {
-    if (!enter(*s)) continue;
-    std::exception_ptr failure;
-    if (s->deliver) {
-      try {
-        s->deliver(payload.get());
-      } catch (...) {
-        failure = std::current_exception();
-      }
-    } else {
-      try {
-        auto op = s->deliver_async(payload.get());
-        co_await std::move(op);
-      } catch (...) {
-        failure = std::current_exception();
-      }
-    }
-    leave(*s);
-    if (failure) core->failed(*s, std::move(failure), &first);
-  }
+  auto op = detail::deliver_all(*core, *subs, payload.get(), &first);
+  co_await std::move(op);
   t.unacked.fetch_sub(1, std::memory_order_seq_cst);
   core->idle.wake_all();
   if (first) std::rethrow_exception(first);
@@ -579,16 +577,14 @@ asio::awaitable<void> port_base::drain() {
 }  // namespace detail
 
 // --- processor -------------------------------------------------------------------------------
-processor::processor(manager& owner, std::string name)
-    : manager_(&owner), handler_(&owner.handler()), name_(owner.build_processor_name(name)) {
-  owner.adopt(*this);
-}
-
-processor::processor(message_handler& handler, std::string name)
-    : handler_(&handler), name_(std::move(name)) {
+processor::processor(processor_home home, std::string name)
+    : manager_(home.owner),
+      handler_(home.owner ? &home.owner->handler() : home.handler),
+      name_(home.owner ? home.owner->build_processor_name(name) : std::move(name)) {
   if (name_.empty()) {
     throw ferry::error(ferry::errc::invalid_argument, "processor: the name must not be empty");
   }
+  if (manager_) manager_->adopt(*this);
 }
 
 processor::~processor() {

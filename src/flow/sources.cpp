@@ -238,13 +238,8 @@ struct rest_source::counters {
   std::atomic<std::size_t> consecutive{0};
 };
 
-rest_source::rest_source(manager& owner, std::string name, rest_options options)
-    : source(owner, std::move(name)), options_(std::move(options)), counters_(std::make_shared<counters>()) {
-  validate();
-}
-
-rest_source::rest_source(message_handler& handler, std::string name, rest_options options)
-    : source(handler, std::move(name)), options_(std::move(options)), counters_(std::make_shared<counters>()) {
+rest_source::rest_source(processor_home home, std::string name, rest_options options)
+    : source(home, std::move(name)), options_(std::move(options)), counters_(std::make_shared<counters>()) {
   validate();
 }
 
@@ -326,15 +321,8 @@ asio::awaitable<void> rest_source::run() {
 }
 
 // --- cron_source -----------------------------------------------------------------------------
-cron_source::cron_source(manager& owner, std::string name, cron_options options)
-    : source(owner, std::move(name)), options_(options) {
-  if (options_.interval.count() <= 0) {
-    throw ferry::error(ferry::errc::invalid_argument, "cron_source '" + this->name() + "': interval must be > 0");
-  }
-}
-
-cron_source::cron_source(message_handler& handler, std::string name, cron_options options)
-    : source(handler, std::move(name)), options_(options) {
+cron_source::cron_source(processor_home home, std::string name, cron_options options)
+    : source(home, std::move(name)), options_(options) {
   if (options_.interval.count() <= 0) {
     throw ferry::error(ferry::errc::invalid_argument, "cron_source '" + this->name() + "': interval must be > 0");
   }
@@ -373,13 +361,8 @@ struct stream_source::counters {
   std::atomic<std::size_t> consecutive{0};
 };
 
-stream_source::stream_source(manager& owner, std::string name, stream_options options)
-    : source(owner, std::move(name)), options_(std::move(options)), counters_(std::make_shared<counters>()) {
-  validate();
-}
-
-stream_source::stream_source(message_handler& handler, std::string name, stream_options options)
-    : source(handler, std::move(name)), options_(std::move(options)), counters_(std::make_shared<counters>()) {
+stream_source::stream_source(processor_home home, std::string name, stream_options options)
+    : source(home, std::move(name)), options_(std::move(options)), counters_(std::make_shared<counters>()) {
   validate();
 }
 
@@ -417,19 +400,25 @@ asio::awaitable<void> stream_source::run() {
       if (rec) {
         cause = "resolve " + opts.host + ": " + rec.message();
       } else {
-        // The connect gets a deadline: a timer that closes the socket.
+        // The connect gets one deadline for all addresses: a timer that closes the socket
+        // and stops further attempts (the connect condition skips the rest).
+        auto timed_out = std::make_shared<std::atomic<bool>>(false);
         asio::steady_timer deadline(ex, opts.connect_timeout);
-        deadline.async_wait([sock](const std::error_code& ec) {
+        deadline.async_wait([sock, timed_out](const std::error_code& ec) {
           if (!ec) {
+            *timed_out = true;
             std::error_code ignored;
             sock->close(ignored);
           }
         });
-        auto connecting = asio::async_connect(*sock, endpoints, as_tuple(asio::use_awaitable));
+        auto connecting = asio::async_connect(
+            *sock, endpoints, [timed_out](const std::error_code&, const auto&) { return !*timed_out; },
+            as_tuple(asio::use_awaitable));
         auto [cec, ep] = co_await std::move(connecting);
         deadline.cancel();
-        if (cec) {
-          cause = "connect " + opts.host + ":" + std::to_string(opts.port) + ": " + cec.message();
+        if (cec || *timed_out) {
+          cause = "connect " + opts.host + ":" + std::to_string(opts.port) + ": " +
+                  (*timed_out ? std::string("timed out") : cec.message());
         } else {
           c->connects.fetch_add(1);
           std::string buffer;

@@ -326,6 +326,15 @@ asio::awaitable<void> emit(event<Args...>& port, Vs&&... values) {
   return port.publish(std::move(payload), std::move(carried));
 }
 
+// Where a processor lives: in a manager (the usual case) or on a message handler alone.
+// Converts from either, so processor constructors take one `processor_home`.
+struct processor_home {
+  processor_home(manager& m) noexcept : owner(&m) {}                 // NOLINT: implicit
+  processor_home(message_handler& h) noexcept : handler(&h) {}       // NOLINT: implicit
+  manager* owner = nullptr;
+  message_handler* handler = nullptr;
+};
+
 // A message consumer / producer. Construct it inside a manager (its name is then
 // "<manager>.<name>" and handler exceptions fail that manager) or on a message handler
 // alone. Ports are members declared after this base.
@@ -339,8 +348,8 @@ class processor {
   std::vector<detail::port_base*> ports_;
 
 public:
-  processor(manager& owner, std::string name);
-  processor(message_handler& handler, std::string name);
+  // In a manager the name becomes "<manager>.<name>"; an empty name is invalid_argument.
+  processor(processor_home home, std::string name);
   virtual ~processor();
   processor(const processor&) = delete;
   processor& operator=(const processor&) = delete;

@@ -98,8 +98,7 @@ http_response http_get(const std::string& url, std::chrono::milliseconds timeout
 
 class rest_source : public source {
 public:
-  rest_source(manager& owner, std::string name, rest_options options);
-  rest_source(message_handler& handler, std::string name, rest_options options);
+  rest_source(processor_home home, std::string name, rest_options options);
 
   // The response body and the time it arrived.
   event<std::string, std::chrono::system_clock::time_point> data{*this, "data"};
@@ -121,8 +120,7 @@ struct cron_options {
 
 class cron_source : public source {
 public:
-  cron_source(manager& owner, std::string name, cron_options options);
-  cron_source(message_handler& handler, std::string name, cron_options options);
+  cron_source(processor_home home, std::string name, cron_options options);
 
   event<std::chrono::system_clock::time_point> tick{*this, "tick"};
 
@@ -156,8 +154,7 @@ struct stream_stats {
 
 class stream_source : public source {
 public:
-  stream_source(manager& owner, std::string name, stream_options options);
-  stream_source(message_handler& handler, std::string name, stream_options options);
+  stream_source(processor_home home, std::string name, stream_options options);
 
   event<std::string, std::chrono::system_clock::time_point> message{*this, "message"};
 
@@ -223,10 +220,8 @@ std::string to_csv_field(const T& v) {
 template <class... Cols>
 class csv_output : public processor {
 public:
-  csv_output(manager& owner, std::string name, csv_options options)
-      : processor(owner, std::move(name)), file_(std::move(options), sizeof...(Cols)) {}
-  csv_output(message_handler& handler, std::string name, csv_options options)
-      : processor(handler, std::move(name)), file_(std::move(options), sizeof...(Cols)) {}
+  csv_output(processor_home home, std::string name, csv_options options)
+      : processor(home, std::move(name)), file_(std::move(options), sizeof...(Cols)) {}
 
   void write(const Cols&... cols) {
     file_.append_row(std::vector<std::string>{detail::to_csv_field(cols)...});
