@@ -1,6 +1,7 @@
 // The engine behind ferry/flow/bag.hpp and ferry/flow/bundle.hpp: bags, step mapping, the
 // strict construction check, and the coroutines that run seq / par trees.
 #include <ferry/flow/bundle.hpp>
+#include <ferry/flow/detail/loop_event.hpp>
 #include <ferry/threaded.hpp>
 
 #include <asio/any_io_executor.hpp>
@@ -594,12 +595,12 @@ asio::awaitable<node_result> run_seq(const detail::node_impl& n, const call_stat
 // executor (one handler at a time), so plain fields are enough.
 struct join_state {
   join_state(const asio::any_io_executor& ex, std::size_t n)
-      : wake(ex, asio::steady_timer::time_point::max()),
+      : wake(ex),
         results(n),
         signals(std::make_unique<asio::cancellation_signal[]>(n)),
         count(n),
         remaining(n) {}
-  asio::steady_timer wake;
+  flow::detail::loop_event wake;
   std::vector<node_result> results;
   std::unique_ptr<asio::cancellation_signal[]> signals;
   std::size_t count;
@@ -668,7 +669,7 @@ asio::awaitable<node_result> run_par(const detail::node_impl& n, const call_stat
                            } else {
                              st->results[i] = std::move(r);
                            }
-                           if (--st->remaining == 0) st->wake.cancel();
+                           if (--st->remaining == 0) st->wake.notify();
                          }));
     }
   } catch (...) {
@@ -688,7 +689,7 @@ asio::awaitable<node_result> run_par(const detail::node_impl& n, const call_stat
         st->cancel_all_but(st->count);
       }
     }
-    auto wait = st->wake.async_wait(as_tuple(asio::use_awaitable));
+    auto wait = st->wake.wait();
     co_await std::move(wait);
   }
   if (spawn_failure) {
@@ -787,8 +788,8 @@ namespace {
 // handler at a time), so plain fields are enough.
 struct stream_state {
   explicit stream_state(const asio::any_io_executor& ex)
-      : wake(ex, asio::steady_timer::time_point::max()) {}
-  asio::steady_timer wake;
+      : wake(ex) {}
+  flow::detail::loop_event wake;
   std::map<std::uint64_t, bag> done;  // results not yet handed to the sink
   std::map<std::uint64_t, std::unique_ptr<asio::cancellation_signal>> running;
   std::vector<std::uint64_t> finished;  // calls whose signal can go
@@ -875,7 +876,7 @@ asio::awaitable<std::uint64_t> run_stream(bundle self, bag_source next, bag_sink
                        } else {
                          st->done.emplace(seq, std::move(out));
                        }
-                       st->wake.cancel();
+                       st->wake.notify();
                      }));
     }
     for (std::uint64_t seq : st->finished) st->running.erase(seq);
@@ -891,7 +892,7 @@ asio::awaitable<std::uint64_t> run_stream(bundle self, bag_source next, bag_sink
       }
     }
     if (st->in_flight == 0) continue;
-    auto wait = st->wake.async_wait(as_tuple(asio::use_awaitable));
+    auto wait = st->wake.wait();
     co_await std::move(wait);
   }
   co_await asio::this_coro::throw_if_cancelled(throwing);

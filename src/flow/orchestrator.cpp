@@ -6,6 +6,7 @@
 // only other threads involved are pool workers running plain-function implementations, and
 // they touch nothing but their own run's inputs (immutable) and their result.
 #include <ferry/flow/orchestrator.hpp>
+#include <ferry/flow/detail/loop_event.hpp>
 #include <ferry/threaded.hpp>
 
 #include <asio/bind_cancellation_slot.hpp>
@@ -363,27 +364,6 @@ namespace {
 using asio::experimental::as_tuple;
 using asio::use_awaitable;
 
-// Wakes every coroutine waiting on it; waiters re-check their condition. A timer that never
-// expires on its own: cancel() ends the pending waits and leaves the expiry alone, so
-// several waiters never cancel one another (which resetting the expiry would do).
-class signal {
-public:
-  explicit signal(const asio::any_io_executor& ex)
-      : timer_(ex, asio::steady_timer::time_point::max()) {}
-  void notify() { timer_.cancel(); }
-  asio::awaitable<void> wait() {
-    auto op = timer_.async_wait(as_tuple(use_awaitable));
-    co_await std::move(op);
-  }
-
-private:
-  asio::steady_timer timer_;
-};
-
-asio::awaitable<bool> cancelled_now() {
-  asio::cancellation_state st = co_await asio::this_coro::cancellation_state;
-  co_return st.cancelled() != asio::cancellation_type::none;
-}
 
 }  // namespace
 
@@ -404,7 +384,7 @@ asio::awaitable<std::vector<produced>> run_spawned(spawn_fn start) {
   asio::any_io_executor ex = co_await asio::this_coro::executor;
   struct state {
     explicit state(const asio::any_io_executor& e) : done_signal(e) {}
-    signal done_signal;
+    loop_event done_signal;
     bool done = false;
     std::exception_ptr error;
     std::vector<produced> out;
@@ -446,7 +426,7 @@ struct context_state;
 struct stream_state {
   explicit stream_state(const asio::any_io_executor& executor) : ex(executor), ready_signal(executor) {}
   asio::any_io_executor ex;
-  signal ready_signal;
+  loop_event ready_signal;
   std::deque<context_result> ready;
   std::size_t pending = 0;
   std::vector<std::shared_ptr<asio::cancellation_signal>> cancels;
@@ -462,8 +442,8 @@ struct orchestrator_impl : std::enable_shared_from_this<orchestrator_impl> {
   asio::any_io_executor ex;
   std::map<const flow_impl*, std::shared_ptr<flow_runtime>> flows;
   std::vector<implementation_base*> entered;  // in the order they entered
-  signal slot_signal;                         // a context slot freed, or a flow entered
-  signal live_signal;                         // a context ended
+  loop_event slot_signal;                         // a context slot freed, or a flow entered
+  loop_event live_signal;                         // a context ended
   std::size_t running = 0;                    // contexts holding a slot
   std::map<std::uint64_t, std::shared_ptr<asio::cancellation_signal>> live;
   bool closing = false;
@@ -495,8 +475,8 @@ struct context_state : std::enable_shared_from_this<context_state> {
   const flow_impl& f;
   run_context_id id;
   std::string name;
-  signal idle;         // active fell to 0
-  signal lock_signal;  // a lock was released
+  loop_event idle;         // active fell to 0
+  loop_event lock_signal;  // a lock was released
   std::map<std::string, std::vector<input_ptr>, std::less<>> by_def;
   std::vector<input_ptr> all;
   std::vector<std::set<std::vector<std::uint64_t>>> done;  // per instance: combinations run

@@ -1,5 +1,6 @@
 // Managers and the supervisor: include/ferry/flow/supervisor.hpp.
 #include <ferry/flow/supervisor.hpp>
+#include <ferry/flow/detail/loop_event.hpp>
 
 #include <asio/bind_cancellation_slot.hpp>
 #include <asio/cancellation_signal.hpp>
@@ -155,8 +156,8 @@ asio::awaitable<void> run_manager(std::shared_ptr<detail::manager_state> st, sou
   if (auto f = st->first_failure()) std::rethrow_exception(f);
   auto ex = co_await asio::this_coro::executor;
   struct join {
-    explicit join(const asio::any_io_executor& e) : wake(e, asio::steady_timer::time_point::max()) {}
-    asio::steady_timer wake;
+    explicit join(const asio::any_io_executor& e) : wake(e) {}
+    flow::detail::loop_event wake;
     bool done = false;
     std::exception_ptr error;
   };
@@ -169,7 +170,7 @@ asio::awaitable<void> run_manager(std::shared_ptr<detail::manager_state> st, sou
                  asio::bind_cancellation_slot(st->cancel_source.slot(), [j](std::exception_ptr e) {
                    j->done = true;
                    j->error = std::move(e);
-                   j->wake.cancel();
+                   j->wake.notify();
                  }));
   if (st->first_failure()) st->cancel_source.emit(asio::cancellation_type::terminal);
   bool forwarded = false;
@@ -181,7 +182,7 @@ asio::awaitable<void> run_manager(std::shared_ptr<detail::manager_state> st, sou
         st->cancel_source.emit(asio::cancellation_type::terminal);
       }
     }
-    auto wait = j->wake.async_wait(as_tuple(asio::use_awaitable));
+    auto wait = j->wake.wait();
     co_await std::move(wait);
   }
   st->running = false;
@@ -244,19 +245,19 @@ struct supervised_entry {
 struct supervisor_state {
   supervisor_state(context r, message_handler& h, error_reporter rep)
       : root(std::move(r)), handler(&h), reporter(std::move(rep)),
-        wake(root.get_executor(), asio::steady_timer::time_point::max()) {}
+        wake(root.get_executor()) {}
   context root;
   message_handler* handler;
   error_reporter reporter;
   std::vector<std::unique_ptr<supervised_entry>> entries;
-  asio::steady_timer wake;  // an event: cancel() wakes every waiter, who re-checks
+  flow::detail::loop_event wake;  // notify() wakes every waiter, who re-checks
   bool started = false;
   bool running = false;
   bool stopping = false;
 
-  void notify() { wake.cancel(); }
+  void notify() { wake.notify(); }
   asio::awaitable<void> wait() {
-    auto op = wake.async_wait(as_tuple(asio::use_awaitable));
+    auto op = wake.wait();
     co_await std::move(op);
   }
   // Stops an entry's manager (or back-off) now, or after its teardown if it is in one.
