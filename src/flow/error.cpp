@@ -68,13 +68,9 @@ std::string what_of(const std::exception_ptr& e) {
 std::string teardown_message(const std::vector<std::exception_ptr>& errors) {
   std::string msg = std::to_string(errors.size()) + " teardown callback(s) failed:";
   for (const auto& e : errors) {
-    try {
-      std::rethrow_exception(e);
-    } catch (const std::exception& x) {
-      msg += std::string(" [") + x.what() + "]";
-    } catch (...) {
-      msg += " [unknown exception]";
-    }
+    msg += " [";
+    msg += what_of(e);
+    msg += "]";
   }
   return msg;
 }

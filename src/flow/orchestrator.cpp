@@ -72,15 +72,6 @@ std::string describe(const input_ptr& in) {
   return s;
 }
 
-std::string message_of(const std::exception_ptr& e) {
-  try {
-    std::rethrow_exception(e);
-  } catch (const std::exception& x) {
-    return x.what();
-  } catch (...) {
-    return "a non-standard exception";
-  }
-}
 }  // namespace
 
 }  // namespace detail
@@ -96,7 +87,7 @@ operation_error::operation_error(std::string instance, std::string context,
                        if (i) m += ", ";
                        m += detail::describe(inputs[i]);
                      }
-                     return m + "]: " + detail::message_of(cause);
+                     return m + "]: " + describe_exception(cause);
                    }()),
       instance_(std::move(instance)),
       context_(std::move(context)),
