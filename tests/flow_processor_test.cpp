@@ -14,6 +14,7 @@
 #include <asio/io_context.hpp>
 #include <asio/ip/tcp.hpp>
 #include <asio/steady_timer.hpp>
+#include <asio/strand.hpp>
 #include <asio/use_awaitable.hpp>
 #include <asio/write.hpp>
 
@@ -1109,34 +1110,45 @@ private:
 }  // namespace
 
 FERRY_TEST_CASE(a6_a8_queued_messages_of_a_failed_manager_go_to_its_next_instance) {
-  asio::io_context io;
-  fl::queued_handler h{io, {.capacity = 16}};
-  fl::context root{io};
-  std::vector<fl::failure_report> reports;
-  int next = 0;
-  bool thrown = false;
-  std::vector<int> out;
-  fl::supervisor sup{root, h, collect_into(reports)};
-  sup.add<redelivery_manager>("redeliver", {.policy = fl::restart_policy::always, .initial_delay = 1ms},
-                              &next, &thrown, &out);
-  auto body = [&]() -> asio::awaitable<void> {
-    auto op = sup.run();  // the second instance's source is done at 200
-    co_await std::move(op);
-    auto cl = root.close();
-    co_await std::move(cl);
-  };
-  ferry_test::run(io, body);
-  BOOST_TEST(thrown);
-  BOOST_TEST(sup.status()[0].starts == 2u);
-  BOOST_TEST(reports.size() >= 1u);
-  // Every value reached the writer at least once (the one it failed on, too), in order
-  // apart from what the failure sent round again.
-  std::vector<int> sorted = out;
-  std::sort(sorted.begin(), sorted.end());
-  sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
-  BOOST_REQUIRE(sorted.size() == 200u);
-  for (int i = 0; i < 200; ++i) BOOST_TEST(sorted[static_cast<std::size_t>(i)] == i);
-  BOOST_TEST(h.stats().pending == 0u);
+  // Once on one thread; once with two threads running the loop, the supervisor and its
+  // managers on a strand and the handler's deliveries on the handler's own strand.
+  for (const bool threads : {false, true}) {
+    BOOST_TEST_CONTEXT("two threads " << threads) {
+      asio::io_context io;
+      fl::queued_handler h{io, {.capacity = 16}};
+      fl::context root{asio::any_io_executor(asio::make_strand(io))};
+      std::vector<fl::failure_report> reports;
+      int next = 0;
+      bool thrown = false;
+      std::vector<int> out;
+      fl::supervisor sup{root, h, collect_into(reports)};
+      sup.add<redelivery_manager>("redeliver", {.policy = fl::restart_policy::always, .initial_delay = 1ms},
+                                  &next, &thrown, &out);
+      auto body = [&]() -> asio::awaitable<void> {
+        auto op = sup.run();  // the second instance's source is done at 200
+        co_await std::move(op);
+        auto cl = root.close();
+        co_await std::move(cl);
+      };
+      std::exception_ptr failure;
+      asio::co_spawn(root.get_executor(), body(), [&](std::exception_ptr e) { failure = e; });
+      std::thread second;
+      if (threads) second = std::thread([&] { io.run(); });
+      io.run();
+      if (second.joinable()) second.join();
+      if (failure) std::rethrow_exception(failure);
+      BOOST_TEST(thrown);
+      BOOST_TEST(sup.status()[0].starts == 2u);
+      BOOST_TEST(reports.size() >= 1u);
+      // Every value reached the writer at least once (the one it failed on, too).
+      std::vector<int> sorted = out;
+      std::sort(sorted.begin(), sorted.end());
+      sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
+      BOOST_REQUIRE(sorted.size() == 200u);
+      for (int i = 0; i < 200; ++i) BOOST_TEST(sorted[static_cast<std::size_t>(i)] == i);
+      BOOST_TEST(h.stats().pending == 0u);
+    }
+  }
 }
 
 FERRY_TEST_CASE(a2_a_cancelled_disconnect_still_disconnects_every_handler) {
