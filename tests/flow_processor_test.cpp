@@ -1200,3 +1200,32 @@ FERRY_TEST_CASE(a2_a_cancelled_disconnect_still_disconnects_every_handler) {
   BOOST_TEST(second_calls == 0);  // closed by the disconnect before its turn came
   BOOST_TEST(third_calls == 1);
 }
+
+FERRY_TEST_CASE(a8_subscriber_run_is_the_delivery_step_for_other_implementations) {
+  asio::io_context io;
+  auto s = std::make_shared<fl::subscriber>();
+  std::vector<int> got;
+  s->deliver = [&](const void* p) {
+    const auto& [v] = *static_cast<const std::tuple<int>*>(p);
+    if (v < 0) throw std::runtime_error("negative");
+    got.push_back(v);
+  };
+  const std::tuple<int> one{1}, bad{-1}, two{2};
+  std::exception_ptr first, second, third;
+  auto body = [&]() -> asio::awaitable<void> {
+    auto a = s->run(&one);
+    first = co_await std::move(a);
+    auto b = s->run(&bad);
+    second = co_await std::move(b);
+    auto c = s->close();  // nothing in flight: returns at once
+    co_await std::move(c);
+    auto d = s->run(&two);  // closed: skipped
+    third = co_await std::move(d);
+  };
+  ferry_test::run(io, body);
+  BOOST_TEST(!first);
+  BOOST_TEST(message_of(second) == "negative");
+  BOOST_TEST(!third);
+  BOOST_TEST(got == std::vector<int>{1});
+  BOOST_TEST(s->in_flight.load() == 0);
+}
