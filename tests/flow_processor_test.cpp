@@ -24,6 +24,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <sstream>
 #include <stdexcept>
@@ -377,7 +378,7 @@ FERRY_TEST_CASE(a2_queued_messages_wait_for_the_next_subscriber_after_a_disconne
       auto op = fl::emit(producer->value, i);
       co_await std::move(op);
     }
-    co_await sleep_for(5ms);
+    while (got.empty()) co_await sleep_for(1ms);  // message 0 is in the first handler
     gate->cancel();
     auto d = producer->disconnect();  // waits for the delivery in flight (message 0)
     co_await std::move(d);
@@ -770,7 +771,9 @@ FERRY_TEST_CASE(a4_stream_source_reconnects_and_fails_after_its_failure_limit) {
   // Two connections delivered a, b each; then three failed connects in a row.
   BOOST_TEST(frames == (std::vector<std::string>{"a", "b", "a", "b"}));
   const auto s = src.stats();
-  BOOST_TEST(s.connects == 2u);
+  // A connect racing the server's close of its acceptor may still be taken by the kernel
+  // (then reset with nothing read): a failure too, so only "at least two" is certain.
+  BOOST_TEST(s.connects >= 2u);
   BOOST_TEST(s.consecutive_failures == 3u);
   BOOST_TEST(code_of(outcome) == fl::errc::connection_failed);
   BOOST_TEST(contains(message_of(outcome), "3 consecutive connection failures"));
@@ -1165,22 +1168,32 @@ FERRY_TEST_CASE(a2_a_cancelled_disconnect_still_disconnects_every_handler) {
   fl::on(producer->value, [&](int) { ++second_calls; });
   asio::cancellation_signal cancel;
   std::exception_ptr outcome;
+  bool disconnecting = false;
   auto start = [&]() -> asio::awaitable<void> {
     auto op = fl::emit(producer->value, 1);
     co_await std::move(op);
-    co_await sleep_for(5ms);  // message 1 is in the first handler, blocked
-    auto d = producer->disconnect();
+    while (first_calls == 0) co_await sleep_for(1ms);  // message 1 is in the first handler, blocked
+    disconnecting = true;
+    auto d = producer->disconnect();  // waits for that delivery ...
     co_await std::move(d);
   };
   asio::co_spawn(io, start(), asio::bind_cancellation_slot(cancel.slot(), [&](std::exception_ptr e) { outcome = e; }));
-  asio::steady_timer later(io, 20ms);
-  later.async_wait([&](std::error_code) { cancel.emit(asio::cancellation_type::terminal); });
+  // ... and is cancelled while it waits; then the check, then the gate opens.
   std::size_t connections_after = 99;
-  asio::steady_timer check(io, 40ms);
-  check.async_wait([&](std::error_code) {
-    connections_after = producer->value.connections();
-    gate->cancel();  // lets the delivery in flight finish
-  });
+  asio::steady_timer later(io);
+  std::function<void()> poke = [&] {
+    later.expires_after(5ms);
+    later.async_wait([&](std::error_code) {
+      if (!disconnecting) {
+        poke();
+        return;
+      }
+      cancel.emit(asio::cancellation_type::terminal);
+      connections_after = producer->value.connections();
+      gate->cancel();  // lets the delivery in flight finish
+    });
+  };
+  poke();
   io.run();
   io.restart();
   BOOST_TEST(code_of(outcome) == asio::error::operation_aborted);
